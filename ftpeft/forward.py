@@ -1,0 +1,231 @@
+"""Run a model on a tree, with adapters applied to the weights a method targets.
+
+:func:`functional_forward` passes the base tensors to
+``torch.func.functional_call`` and, while the model runs, a
+``TorchFunctionMode`` watches the targeted weights:
+
+- ``F.linear(x, W, b)`` on a targeted ``W`` becomes
+  ``F.linear(x, W, b) + s * B(A(dropout(x)))``, with no dense ``(out, in)``
+  update built;
+- any other op that receives a targeted ``W`` gets the materialised
+  ``W + s * B @ A`` instead, so the result is right however the model uses
+  the weight;
+- shape, dtype and device queries see ``W`` itself and cost nothing.
+
+Each targeted weight is passed to ``functional_call`` as its own view, with
+``tie_weights=False``, so a weight tied to another module (an embedding and
+an LM head) carries the adapter only into the module the method targets.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import optree
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+from torch.overrides import TorchFunctionMode
+
+from .methods.base import PeftMethod, WeightAdapter
+from .tree import Tree, combine, spec_of
+
+__all__ = ["functional_forward"]
+
+_LINEAR_FUNCTIONS = frozenset({F.linear, torch._C._nn.linear})
+
+
+def _metadata_functions() -> frozenset[Any]:
+    functions: set[Any] = {
+        torch.Tensor.size,
+        torch.Tensor.dim,
+        torch.Tensor.numel,
+        torch.Tensor.nelement,
+        torch.Tensor.stride,
+        torch.Tensor.element_size,
+        torch.Tensor.is_floating_point,
+        torch.Tensor.is_complex,
+        torch.Tensor.is_contiguous,
+        torch.Tensor.get_device,
+        torch.Tensor.__len__,
+        torch.Tensor.__hash__,
+    }
+    for name in ("shape", "dtype", "device", "ndim", "requires_grad", "layout", "is_cuda", "is_meta", "is_sparse", "is_quantized"):
+        functions.add(getattr(torch.Tensor, name).__get__)
+    return frozenset(functions)
+
+
+_METADATA_FUNCTIONS = _metadata_functions()
+
+
+class _AdaptedWeights(TorchFunctionMode):
+    """Routes every use of a targeted weight to its adapters.
+
+    A weight is recognised by identity: ``functional_forward`` passes each
+    targeted weight as a fresh view that nothing else holds.
+    """
+
+    def __init__(self, entries: Sequence[tuple[torch.Tensor, list[WeightAdapter], bool]]):
+        super().__init__()
+        self._entries = {id(weight): (weight, chain, training) for weight, chain, training in entries}
+        self._materialised: dict[int, torch.Tensor] = {}
+
+    def _entry(self, value: Any) -> tuple[torch.Tensor, list[WeightAdapter], bool] | None:
+        if not isinstance(value, torch.Tensor):
+            return None
+        entry = self._entries.get(id(value))
+        if entry is not None and entry[0] is value:
+            return entry
+        return None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _LINEAR_FUNCTIONS:
+            weight = args[1] if len(args) > 1 else kwargs.get("weight")
+            entry = self._entry(weight)
+            if entry is not None:
+                return self._linear(func, entry, args, kwargs)
+        if func in _METADATA_FUNCTIONS or not self._touches_adapted(args, kwargs):
+            return func(*args, **kwargs)
+        args, kwargs = optree.tree_map(self._materialise_if_adapted, (args, kwargs))
+        return func(*args, **kwargs)
+
+    def _linear(self, func, entry, args, kwargs):
+        weight, chain, training = entry
+        x = args[0] if args else kwargs["input"]
+        deltas = [adapter.linear_delta(x, training) for adapter in chain]
+        if any(delta is None for delta in deltas):
+            return self._call_with(func, args, kwargs, self._materialise_if_adapted(weight))
+        output = func(*args, **kwargs)
+        for delta in deltas:
+            output = output + delta.to(output.dtype)
+        return output
+
+    @staticmethod
+    def _call_with(func, args, kwargs, weight):
+        if len(args) > 1:
+            return func(args[0], weight, *args[2:], **kwargs)
+        return func(*args, **{**kwargs, "weight": weight})
+
+    def _touches_adapted(self, args: tuple, kwargs: dict) -> bool:
+        for value in (*args, *kwargs.values()):
+            if self._entry(value) is not None:
+                return True
+            if isinstance(value, (list, tuple)) and any(self._entry(item) is not None for item in value):
+                return True
+        return False
+
+    def _materialise_if_adapted(self, value: Any) -> Any:
+        entry = self._entry(value)
+        if entry is None:
+            return value
+        weight, chain, _ = entry
+        cached = self._materialised.get(id(weight))
+        if cached is None:
+            cached = weight
+            for adapter in chain:
+                cached = adapter.materialise(cached)
+            self._materialised[id(weight)] = cached
+        return cached
+
+
+def _tied_names(model: nn.Module) -> dict[str, tuple[str, ...]]:
+    """Map each parameter or buffer name to all names of the same tensor."""
+    groups: dict[int, list[str]] = {}
+    for name, value in (*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)):
+        groups.setdefault(id(value), []).append(name)
+    return {name: tuple(names) for names in groups.values() for name in names}
+
+
+def functional_forward(model: nn.Module, method: PeftMethod | None = None) -> Callable[..., Any]:
+    """Return ``fn(tree, *args, **kwargs)`` that runs ``model`` on ``tree`` with ``method``'s adapters.
+
+    The method plans once, here, on ``spec_of(model)``; each call only looks
+    up the tree's leaves, so ``fn`` works under ``torch.func.grad``,
+    ``torch.func.vmap`` and ``torch.compile(fullgraph=True)``. The model is
+    never modified: its parameters, buffers and flags are the same after
+    every call.
+
+    Args:
+        model: the module to run, on any device, ``meta`` included (then only
+            the tree's tensors need real data).
+        method: the PEFT method whose adapter leaves the tree holds, or None
+            to run the plain model (for example on a merged tree).
+
+    The returned ``fn`` takes:
+        tree: one mapping, or a tuple or list of disjoint mappings such as
+            ``(trainable, frozen)``. It must hold every parameter of the model
+            (under any one of a tied weight's names) and the method's adapter
+            leaves; buffers it lacks are taken from the model.
+        args, kwargs: the model's own inputs.
+
+    Dropout in an adapter applies only while the targeted module is in
+    training mode (``module.training``); under ``vmap`` pass
+    ``randomness="different"`` or ``"same"`` when dropout is active.
+
+    Raises (from ``fn``):
+        ValueError: naming keys the model does not have, or parameters the
+            tree lacks.
+    """
+    base_spec = spec_of(model)
+    bind = method.bind_forward(base_spec) if method is not None else (lambda tree: {})
+    adapter_keys = frozenset(method.adapter_keys(base_spec)) if method is not None else frozenset()
+    tied = _tied_names(model)
+    parameter_names = frozenset(name for name, _ in model.named_parameters(remove_duplicate=False))
+
+    def fn(tree: Mapping[str, Any] | Sequence[Mapping[str, Any]], *args: Any, **kwargs: Any) -> Any:
+        full = _as_tree(tree)
+        adapters = bind(full)
+        params = {k: v for k, v in full.items() if k not in adapter_keys}
+        _check_keys(params, tied, parameter_names)
+
+        # Fill the other names of tied weights before the targeted name gets its
+        # view, so untargeted aliases see the plain base tensor.
+        for key in list(params):
+            for alias in tied.get(key, ()):
+                params.setdefault(alias, params[key])
+
+        entries = []
+        for weight_key, chain in adapters.items():
+            weight = params[weight_key]
+            view = weight.view(weight.shape)
+            params[weight_key] = view
+            training = model.get_submodule(chain[0].module).training
+            entries.append((view, chain, training))
+
+        if not entries:
+            return functional_call(model, params, args, kwargs, tie_weights=False)
+        with _AdaptedWeights(entries):
+            return functional_call(model, params, args, kwargs, tie_weights=False)
+
+    return fn
+
+
+def _as_tree(tree: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> Tree:
+    if isinstance(tree, Mapping):
+        return dict(tree)
+    if isinstance(tree, (tuple, list)) and all(isinstance(part, Mapping) for part in tree):
+        return combine(*tree)
+    raise TypeError(
+        f"fn expects a mapping of tensors or a tuple/list of disjoint mappings, got {type(tree).__name__}."
+    )
+
+
+def _check_keys(params: Mapping[str, Any], tied: Mapping[str, tuple[str, ...]], parameter_names: frozenset[str]) -> None:
+    unknown = sorted(k for k in params if k not in tied)
+    if unknown:
+        raise ValueError(
+            f"The tree holds key(s) {', '.join(repr(k) for k in unknown[:5])} that the model has no parameter or "
+            "buffer for, and the method does not own. Check the key names (a prefix such as 'model.' or "
+            "'_orig_mod.'), or pass the method that created these leaves."
+        )
+    covered = {alias for key in params for alias in tied[key]}
+    missing = sorted(parameter_names - covered)
+    if missing:
+        raise ValueError(
+            f"The tree has no value for parameter(s) {', '.join(repr(k) for k in missing[:5])}"
+            f"{f' and {len(missing) - 5} more' if len(missing) > 5 else ''}. Pass the full tree, for example "
+            "(trainable, frozen) from split_trainable."
+        )

@@ -1,0 +1,74 @@
+"""Matching module-name patterns against module paths, with clear errors."""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Sequence
+
+from ..methods.config import ModulePattern
+
+
+def match_modules(pattern: ModulePattern, paths: Sequence[str], *, method: str) -> list[str]:
+    """Return the paths that ``pattern`` matches, in the order of ``paths``.
+
+    A string is fullmatched against the whole path. Each entry of a list is
+    fullmatched against the path and against every dot-separated suffix of it.
+
+    Raises:
+        ValueError: if the string, or any list entry, matches none of ``paths``.
+            The message names the entry and lists paths that do exist.
+    """
+    entries = [pattern] if isinstance(pattern, str) else list(pattern)
+    compiled = [re.compile(entry) for entry in entries]
+    whole_path_only = isinstance(pattern, str)
+
+    matched: list[str] = []
+    hits = [0] * len(entries)
+    for path in paths:
+        candidates = [path] if whole_path_only else _suffixes(path)
+        found = False
+        for index, regex in enumerate(compiled):
+            if any(regex.fullmatch(c) for c in candidates):
+                hits[index] += 1
+                found = True
+        if found:
+            matched.append(path)
+
+    unmatched = [entries[i] for i, count in enumerate(hits) if count == 0]
+    if unmatched:
+        raise ValueError(_no_match_message(unmatched, paths, method=method, whole_path_only=whole_path_only))
+    return matched
+
+
+def _suffixes(path: str) -> list[str]:
+    parts = path.split(".")
+    return [".".join(parts[i:]) for i in range(len(parts))]
+
+
+def _no_match_message(unmatched: list[str], paths: Sequence[str], *, method: str, whole_path_only: bool) -> str:
+    names = ", ".join(repr(u) for u in unmatched)
+    shown = [p for p in paths if p][:6]
+    message = f"{method} pattern {names} matches no module."
+    close = _close_matches(unmatched, paths)
+    if close:
+        message += f" Did you mean {', '.join(repr(c) for c in close)}?"
+    if shown:
+        more = f", ... ({len(paths)} in all)" if len(paths) > len(shown) else ""
+        message += f" Module paths that {method} can target include: {', '.join(shown)}{more}."
+    if whole_path_only:
+        message += (
+            " A string pattern must fullmatch the whole path (e.g. r'.*\\.q_proj'); "
+            "a list such as ['q_proj'] also matches dot-separated suffixes."
+        )
+    return message
+
+
+def _close_matches(unmatched: list[str], paths: Sequence[str]) -> list[str]:
+    last_parts = sorted({p.rpartition(".")[2] for p in paths if p})
+    close: list[str] = []
+    for entry in unmatched:
+        for candidate in difflib.get_close_matches(entry, last_parts, n=2, cutoff=0.6):
+            if candidate not in close:
+                close.append(candidate)
+    return close

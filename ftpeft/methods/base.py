@@ -1,0 +1,112 @@
+"""The interface every PEFT method implements, and what it hands the forward."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+
+from ..tree import Tree, split
+
+__all__ = ["PeftMethod", "WeightAdapter", "split_trainable"]
+
+
+class WeightAdapter(abc.ABC):
+    """How one method changes one base weight while the model runs.
+
+    The forward wrapper asks the adapter for the low-rank output of
+    ``F.linear`` when it can (no dense update is built), and for the
+    materialised weight everywhere else.
+    """
+
+    #: Path of the module that owns the weight; its ``training`` flag switches dropout.
+    module: str
+
+    @abc.abstractmethod
+    def materialise(self, weight: torch.Tensor) -> torch.Tensor:
+        """Return the adapted weight as one dense tensor of the base weight's shape and dtype."""
+
+    def linear_delta(self, x: torch.Tensor, training: bool) -> torch.Tensor | None:
+        """Return what the adapter adds to ``F.linear(x, weight, bias)``, or None.
+
+        None means the adapter has no unmerged rule for ``F.linear`` and the
+        forward falls back to the materialised weight.
+        """
+        return None
+
+
+class PeftMethod(abc.ABC):
+    """A PEFT method as pure functions over flat trees.
+
+    No method mutates its inputs: each returns a new dict, and the leaves it
+    does not change are the caller's own tensor objects. A tree may hold
+    tensors or :class:`~ftpeft.TensorSpec` leaves; with specs, methods plan
+    (check targets, return shapes) and allocate nothing.
+    """
+
+    config: Any
+
+    @abc.abstractmethod
+    def inject(self, params: Mapping[str, Any], *, generator: torch.Generator | None = None) -> Tree:
+        """Return a new tree with every base key unchanged plus this method's adapter leaves.
+
+        Args:
+            params: the base tree (tensors or specs), keyed as ``state_dict()``.
+            generator: the random generator used to initialise adapter leaves.
+
+        Raises:
+            ValueError: if a pattern matches no module, or a matched module
+                cannot be adapted; the message names the pattern or module.
+        """
+
+    @abc.abstractmethod
+    def adapter_keys(self, tree: Mapping[str, Any]) -> set[str]:
+        """Return the keys of the leaves this method adds to ``tree``'s base keys.
+
+        The result is the same for the base tree and for the injected tree.
+        """
+
+    @abc.abstractmethod
+    def trainable_keys(self, tree: Mapping[str, Any]) -> set[str]:
+        """Return the keys of ``tree`` that training updates; every other key stays frozen."""
+
+    @abc.abstractmethod
+    def merge(self, tree: Mapping[str, Any]) -> Tree:
+        """Return a tree with the base keys only, the adapters folded into the base leaves."""
+
+    @abc.abstractmethod
+    def unmerge(self, merged: Mapping[str, Any], adapter: Mapping[str, Any]) -> Tree:
+        """Invert :meth:`merge`: return the adapted tree from a merged tree and the adapter leaves.
+
+        ``unmerge(merge(tree), adapter)`` restores ``tree`` within the base
+        dtype's rounding.
+        """
+
+    @abc.abstractmethod
+    def bind_forward(self, spec: Mapping[str, Any]) -> Callable[[Mapping[str, Any]], dict[str, list[WeightAdapter]]]:
+        """Plan the forward once for a base spec; return a function that binds a tree's leaves.
+
+        The returned function takes an adapted tree with the keys planned here
+        and returns, for each base weight key the method changes, how to
+        change it. It only looks up keys, so it traces cleanly under
+        ``torch.compile``, ``vmap`` and ``grad``.
+        """
+
+    def weight_adapters(self, tree: Mapping[str, Any]) -> dict[str, list[WeightAdapter]]:
+        """Return, for each base weight key the method changes, how to change it in the forward."""
+        return self.bind_forward(tree)(tree)
+
+
+def split_trainable(method: PeftMethod, tree: Mapping[str, Any]) -> tuple[Tree, Tree]:
+    """Split ``tree`` into ``(trainable, frozen)`` by ``method.trainable_keys``.
+
+    Frozen is everything else: base weights, norms, embeddings and biases
+    stay frozen unless the method names them.
+
+    Example:
+        >>> trainable, frozen = split_trainable(method, method.inject(params))
+        >>> grads = torch.func.grad(loss)(trainable, frozen, batch)
+    """
+    return split(tree, method.trainable_keys(tree))

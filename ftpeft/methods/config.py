@@ -1,0 +1,136 @@
+"""Pydantic configs of the PEFT methods, discriminated by ``kind``.
+
+Every config is frozen and serialises to JSON and back exactly::
+
+    config = LoRAConfig(module_name_pattern=r".*\\.(q|v)_proj", params=LoRAParameters(r=8, alpha=16))
+    assert LoRAConfig.model_validate_json(config.model_dump_json()) == config
+
+Each hyperparameter is documented once, on its field.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
+
+__all__ = [
+    "AnyPeftConfig",
+    "FullTuneConfig",
+    "LoRAConfig",
+    "LoRAParameters",
+    "ModulePattern",
+    "PeftStackConfig",
+    "config_from_json",
+]
+
+_PATTERN_HELP = (
+    "Which modules the method targets. A string is a regular expression matched with "
+    "`re.fullmatch` against each module path (for example `layers.0.self_attn.q_proj`). "
+    "A list holds several such expressions; each entry matches a module whose path, or a "
+    "dot-separated suffix of that path, it fullmatches, so `q_proj` matches "
+    "`layers.0.self_attn.q_proj`. Every string, and every list entry, must match at least "
+    "one module."
+)
+
+ModulePattern = Union[str, list[str]]
+
+
+class _Config(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _check_pattern(value: ModulePattern) -> ModulePattern:
+    entries = [value] if isinstance(value, str) else value
+    if not entries:
+        raise ValueError("module_name_pattern is an empty list; give at least one module name or regex.")
+    for entry in entries:
+        if not entry:
+            raise ValueError("module_name_pattern contains an empty string; remove it or give a module name.")
+        try:
+            re.compile(entry)
+        except re.error as error:
+            raise ValueError(
+                f"module_name_pattern {entry!r} is not a valid regular expression ({error}); "
+                "escape special characters with a backslash, e.g. r'layers\\.0\\.q_proj'."
+            ) from None
+    return value
+
+
+class LoRAParameters(_Config):
+    """Hyperparameters of a LoRA adapter: ``W x + s * B (A (dropout(x)))``."""
+
+    r: int = Field(8, ge=1, description="Rank of the update: A is (r, in) and B is (out, r). A rank above min(in, out) is valid.")
+    alpha: float = Field(
+        16.0,
+        gt=0,
+        description="Scale numerator: the update is multiplied by alpha / r, or by alpha / sqrt(r) with use_rslora.",
+    )
+    dropout: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="Dropout probability on the adapter's input only; applied only while the targeted module is in training mode.",
+    )
+    use_rslora: bool = Field(False, description="Scale by alpha / sqrt(r) (rank-stabilised LoRA) instead of alpha / r.")
+    init: Literal["kaiming_uniform", "gaussian"] = Field(
+        "kaiming_uniform",
+        description=(
+            "Initialisation of A; B always starts at zero, so a fresh adapter leaves the model's output unchanged. "
+            "`kaiming_uniform`: U(-1/sqrt(in), 1/sqrt(in)), as nn.Linear initialises its weight. "
+            "`gaussian`: N(0, std=1/r)."
+        ),
+    )
+
+    @property
+    def scale(self) -> float:
+        """The factor ``s`` that multiplies ``B @ A``."""
+        return self.alpha / (self.r**0.5 if self.use_rslora else self.r)
+
+
+class LoRAConfig(_Config):
+    """LoRA on the 2-D weights of the matched modules."""
+
+    kind: Literal["lora"] = "lora"
+    module_name_pattern: ModulePattern = Field(description=_PATTERN_HELP)
+    params: LoRAParameters = Field(default_factory=LoRAParameters, description="LoRA hyperparameters.")
+
+    _check = field_validator("module_name_pattern")(_check_pattern)
+
+
+class FullTuneConfig(_Config):
+    """Full fine-tuning of every floating-point leaf of the matched modules, recursively."""
+
+    kind: Literal["full_tune"] = "full_tune"
+    module_name_pattern: ModulePattern = Field(description=_PATTERN_HELP)
+
+    _check = field_validator("module_name_pattern")(_check_pattern)
+
+
+class PeftStackConfig(_Config):
+    """Several methods applied in order; merged in reverse order."""
+
+    kind: Literal["stack"] = "stack"
+    methods: list[AnyPeftConfig] = Field(description="The stacked methods, applied first to last.")
+
+    @field_validator("methods")
+    @classmethod
+    def _not_empty(cls, methods: list[AnyPeftConfig]) -> list[AnyPeftConfig]:
+        if not methods:
+            raise ValueError("methods is empty; a stack needs at least one method config.")
+        return methods
+
+
+AnyPeftConfig = Annotated[
+    Union[LoRAConfig, FullTuneConfig, PeftStackConfig],
+    Field(discriminator="kind"),
+]
+PeftStackConfig.model_rebuild()
+
+_ANY_CONFIG = TypeAdapter(AnyPeftConfig)
+
+
+def config_from_json(text: str | bytes) -> LoRAConfig | FullTuneConfig | PeftStackConfig:
+    """Parse any method config from JSON, choosing the class by its ``kind``."""
+    return _ANY_CONFIG.validate_json(text)

@@ -1,0 +1,237 @@
+"""LoRA: ``W' = W + s * B @ A`` on the 2-D weights of matched modules."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..tree import TensorSpec, Tree, is_spec, module_paths
+from ._patterns import match_modules
+from .base import PeftMethod, WeightAdapter
+from .config import LoRAConfig
+
+__all__ = ["LoRA", "lora_delta", "add_delta"]
+
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def lora_delta(lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float, base_dtype: torch.dtype) -> torch.Tensor:
+    """Return ``scale * B @ A`` in at least float32 precision.
+
+    Merge, unmerge and the forward's materialised weight all call this one
+    function, so they cannot drift apart.
+    """
+    compute = torch.promote_types(base_dtype, torch.float32)
+    return (lora_b.to(compute) @ lora_a.to(compute)) * scale
+
+
+def add_delta(weight: torch.Tensor, delta: torch.Tensor, *, sign: int = 1) -> torch.Tensor:
+    """Return ``weight + sign * delta``, added in the delta's precision and rounded once to the weight's dtype."""
+    total = weight.to(delta.dtype) + delta if sign > 0 else weight.to(delta.dtype) - delta
+    return total.to(weight.dtype)
+
+
+def adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
+    """Return the dtype of new adapter leaves: float32 for half-precision bases, else the base dtype."""
+    return torch.float32 if base_dtype in _HALF_DTYPES else base_dtype
+
+
+def _weight_key(module: str) -> str:
+    return f"{module}.weight" if module else "weight"
+
+
+def _leaf_key(module: str, name: str) -> str:
+    return f"{module}.{name}" if module else name
+
+
+class _LoRAWeight(WeightAdapter):
+    def __init__(self, module: str, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float, dropout: float):
+        self.module = module
+        self.lora_a = lora_a
+        self.lora_b = lora_b
+        self.scale = scale
+        self.dropout = dropout
+
+    def materialise(self, weight: torch.Tensor) -> torch.Tensor:
+        return add_delta(weight, lora_delta(self.lora_a, self.lora_b, self.scale, weight.dtype))
+
+    def linear_delta(self, x: torch.Tensor, training: bool) -> torch.Tensor:
+        hidden = x.to(self.lora_a.dtype)
+        if training and self.dropout > 0:
+            hidden = F.dropout(hidden, self.dropout, training=True)
+        # Scaling the rank-r intermediate costs r multiplies per row instead of out.
+        return F.linear(F.linear(hidden, self.lora_a) * self.scale, self.lora_b)
+
+
+class LoRA(PeftMethod):
+    """LoRA on the 2-D floating-point ``weight`` of every matched module.
+
+    For a weight ``W`` of shape ``(out, in)``, :meth:`inject` adds
+    ``<module>.lora_A`` of shape ``(r, in)`` and ``<module>.lora_B`` of shape
+    ``(out, r)``; the adapted weight is ``W + s * B @ A`` with
+    ``s = alpha / r`` (``alpha / sqrt(r)`` with rsLoRA). A starts
+    kaiming-uniform (or gaussian) and B at zero, so a fresh adapter changes
+    nothing. Adapter leaves are float32 when the base weight is float16 or
+    bfloat16, and take the base weight's dtype otherwise.
+    """
+
+    def __init__(self, config: LoRAConfig):
+        self.config = config
+
+    @property
+    def scale(self) -> float:
+        return self.config.params.scale
+
+    def targets(self, tree: Mapping[str, Any]) -> list[str]:
+        """Return the paths of the modules this method adapts in ``tree``.
+
+        Candidates are the modules that own a ``weight`` leaf; the pattern is
+        matched against their paths.
+
+        Raises:
+            ValueError: if a pattern matches no candidate, or a matched
+                module's weight is not a 2-D floating-point tensor.
+        """
+        candidates = [m for m in module_paths(tree) if _weight_key(m) in tree]
+        matched = match_modules(self.config.module_name_pattern, candidates, method="LoRA")
+        for module in matched:
+            weight = TensorSpec.of(tree[_weight_key(module)])
+            if weight.ndim != 2 or not weight.dtype.is_floating_point:
+                raise ValueError(
+                    f"LoRA cannot adapt module {module!r}: its weight has shape {weight.shape} and dtype "
+                    f"{weight.dtype}, but LoRA here needs a 2-D floating-point weight used by F.linear. "
+                    "Narrow module_name_pattern so that it leaves this module out."
+                )
+        return matched
+
+    def adapter_keys(self, tree: Mapping[str, Any]) -> set[str]:
+        keys: set[str] = set()
+        for module in self.targets(tree):
+            keys.add(_leaf_key(module, "lora_A"))
+            keys.add(_leaf_key(module, "lora_B"))
+        return keys
+
+    def trainable_keys(self, tree: Mapping[str, Any]) -> set[str]:
+        keys = self.adapter_keys(tree)
+        self._require(tree, keys, "train")
+        return keys
+
+    def inject(self, params: Mapping[str, Any], *, generator: torch.Generator | None = None) -> Tree:
+        planning = is_spec(params)
+        targets = self.targets(params)
+        already = sorted(k for k in self.adapter_keys(params) if k in params)
+        if already:
+            raise ValueError(
+                f"The tree already holds LoRA leaves ({', '.join(already[:3])}, ...). inject takes the base "
+                "tree; to stack two LoRAs on one module use separate trees, or merge the first one before injecting."
+            )
+
+        rank = self.config.params.r
+        adapted: Tree = dict(params)
+        for module in targets:
+            weight = TensorSpec.of(params[_weight_key(module)])
+            out_features, in_features = weight.shape
+            dtype = adapter_dtype(weight.dtype)
+            spec_a = TensorSpec((rank, in_features), dtype, weight.device)
+            spec_b = TensorSpec((out_features, rank), dtype, weight.device)
+            if planning:
+                adapted[_leaf_key(module, "lora_A")] = spec_a
+                adapted[_leaf_key(module, "lora_B")] = spec_b
+            else:
+                adapted[_leaf_key(module, "lora_A")] = self._init_a(spec_a, generator)
+                adapted[_leaf_key(module, "lora_B")] = torch.zeros(spec_b.shape, dtype=dtype, device=weight.device)
+        return adapted
+
+    def _init_a(self, spec: TensorSpec, generator: torch.Generator | None) -> torch.Tensor:
+        if spec.device.type == "meta":
+            return torch.empty(spec.shape, dtype=spec.dtype, device="meta")
+
+        # Draw on the generator's device in float32, so a seed gives the same
+        # values whatever the base dtype and device.
+        draw_device = generator.device if generator is not None else spec.device
+        values = torch.empty(spec.shape, dtype=torch.float32, device=draw_device)
+        if self.config.params.init == "gaussian":
+            values.normal_(0.0, 1.0 / self.config.params.r, generator=generator)
+        else:
+            # kaiming_uniform with a = sqrt(5) on fan_in = in gives the bound 1 / sqrt(in).
+            bound = 1.0 / math.sqrt(spec.shape[1])
+            values.uniform_(-bound, bound, generator=generator)
+        return values.to(device=spec.device, dtype=spec.dtype)
+
+    def merge(self, tree: Mapping[str, Any]) -> Tree:
+        adapter_keys = self.adapter_keys(tree)
+        self._require(tree, adapter_keys, "merge")
+        merged = {k: v for k, v in tree.items() if k not in adapter_keys}
+        if is_spec(tree):
+            return merged
+        for module in self.targets(tree):
+            weight_key = _weight_key(module)
+            lora_a, lora_b = self._adapter_pair(tree, module, tree[weight_key])
+            merged[weight_key] = add_delta(tree[weight_key], lora_delta(lora_a, lora_b, self.scale, tree[weight_key].dtype))
+        return merged
+
+    def unmerge(self, merged: Mapping[str, Any], adapter: Mapping[str, Any]) -> Tree:
+        adapter_keys = self.adapter_keys(merged)
+        extra = sorted(set(adapter) - adapter_keys)
+        if extra:
+            raise ValueError(
+                f"The adapter holds key(s) {', '.join(extra[:5])} that this LoRA config does not target; "
+                "pass the adapter leaves of this method only."
+            )
+        self._require(adapter, adapter_keys, "unmerge")
+        clash = sorted(adapter_keys & merged.keys())
+        if clash:
+            raise ValueError(f"The merged tree already holds adapter key(s) {', '.join(clash[:5])}; pass the output of merge.")
+
+        restored: Tree = dict(merged)
+        if not is_spec(merged):
+            for module in self.targets(merged):
+                weight_key = _weight_key(module)
+                lora_a, lora_b = self._adapter_pair(adapter, module, merged[weight_key])
+                delta = lora_delta(lora_a, lora_b, self.scale, merged[weight_key].dtype)
+                restored[weight_key] = add_delta(merged[weight_key], delta, sign=-1)
+        for key in sorted(adapter_keys):
+            restored[key] = adapter[key]
+        return restored
+
+    def bind_forward(self, spec: Mapping[str, Any]) -> Callable[[Mapping[str, Any]], dict[str, list[WeightAdapter]]]:
+        targets = self.targets(spec)
+        scale, dropout = self.scale, self.config.params.dropout
+
+        def bind(tree: Mapping[str, Any]) -> dict[str, list[WeightAdapter]]:
+            adapters: dict[str, list[WeightAdapter]] = {}
+            for module in targets:
+                weight_key = _weight_key(module)
+                lora_a, lora_b = self._adapter_pair(tree, module, tree[weight_key])
+                adapters[weight_key] = [_LoRAWeight(module, lora_a, lora_b, scale, dropout)]
+            return adapters
+
+        return bind
+
+    def _adapter_pair(self, tree: Mapping[str, Any], module: str, weight: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        key_a, key_b = _leaf_key(module, "lora_A"), _leaf_key(module, "lora_B")
+        self._require(tree, {key_a, key_b}, "use")
+        lora_a, lora_b = tree[key_a], tree[key_b]
+        out_features, in_features = weight.shape
+        rank = self.config.params.r
+        if tuple(lora_a.shape) != (rank, in_features) or tuple(lora_b.shape) != (out_features, rank):
+            raise ValueError(
+                f"LoRA leaves of {module!r} have shapes {tuple(lora_a.shape)} (lora_A) and {tuple(lora_b.shape)} "
+                f"(lora_B), but a weight of shape {tuple(weight.shape)} with r={rank} needs "
+                f"({rank}, {in_features}) and ({out_features}, {rank}). Check that the adapter was made for this "
+                "base model and this config's rank."
+            )
+        return lora_a, lora_b
+
+    @staticmethod
+    def _require(tree: Mapping[str, Any], keys: set[str], action: str) -> None:
+        missing = sorted(keys - tree.keys())
+        if missing:
+            raise KeyError(
+                f"Cannot {action} LoRA: the tree has no {', '.join(repr(k) for k in missing[:4])}"
+                f"{' and more' if len(missing) > 4 else ''}. Pass the tree returned by inject (or its adapter leaves)."
+            )
