@@ -1,0 +1,74 @@
+"""Shared fixtures: small models and trees used across the test modules."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+class TwoLayerMLP(nn.Module):
+    """A small MLP whose layers are reached through F.linear."""
+
+    def __init__(self, d_in: int = 6, d_hidden: int = 10, d_out: int = 4):
+        super().__init__()
+        self.up = nn.Linear(d_in, d_hidden)
+        self.down = nn.Linear(d_hidden, d_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(torch.relu(self.up(x)))
+
+
+@pytest.fixture
+def mlp() -> TwoLayerMLP:
+    return TwoLayerMLP()
+
+
+def tiny_llama(num_layers: int = 2, tie: bool = False):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=64,
+        max_position_embeddings=64,
+        tie_word_embeddings=tie,
+    )
+    model = transformers.LlamaForCausalLM(config).eval()
+    return model
+
+
+def tiny_bert():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        vocab_size=64,
+        max_position_embeddings=64,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    return transformers.BertModel(config).eval()
+
+
+def state_of(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Return a detached copy of the model's state, as a user's loaded checkpoint would be."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def randomise_lora_b(tree: dict[str, torch.Tensor], seed: int = 1) -> dict[str, torch.Tensor]:
+    """Return a new tree whose lora_B leaves are random, so adapters change the output."""
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        k: (torch.randn(v.shape, generator=generator, dtype=torch.float32).to(v.dtype) * 0.1 if k.endswith("lora_B") else v)
+        for k, v in tree.items()
+    }
