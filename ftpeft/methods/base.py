@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from ..maps import StateMap
 from ..tree import Tree, split
 
 __all__ = ["PeftMethod", "WeightAdapter", "split_trainable"]
@@ -82,6 +83,16 @@ class PeftMethod(abc.ABC):
 
         ``unmerge(merge(tree), adapter)`` restores ``tree`` within the base
         dtype's rounding.
+        """
+
+    @abc.abstractmethod
+    def merge_map(self) -> StateMap:
+        """Return the merge as an invertible map that keeps the adapter leaves.
+
+        The map shears each adapted weight (``W -> W + dW``) and passes every
+        other key through, so it composes with key and layout maps. Its
+        inverse is the unmerge. Follow it with ``Drop`` of the adapter keys
+        to get what :meth:`merge` returns.
         """
 
     @abc.abstractmethod

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from ..maps import StateMap, identity
 from ..tree import TensorSpec, Tree, module_paths
 from ._patterns import match_modules
 from .base import PeftMethod, WeightAdapter
@@ -68,6 +69,9 @@ class FullTune(PeftMethod):
                 "Its trained values live in the merged tree itself."
             )
         return dict(merged)
+
+    def merge_map(self) -> StateMap:
+        return identity
 
     def bind_forward(self, spec: Mapping[str, Any]) -> Callable[[Mapping[str, Any]], dict[str, list[WeightAdapter]]]:
         self.targets(spec)

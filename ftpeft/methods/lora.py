@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -9,12 +10,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..maps import Group, StateMap
 from ..tree import TensorSpec, Tree, is_spec, module_paths
 from ._patterns import match_modules
 from .base import PeftMethod, WeightAdapter
 from .config import LoRAConfig
 
-__all__ = ["LoRA", "lora_delta", "add_delta"]
+__all__ = ["LoRA", "LoRAMergeMap", "lora_delta", "add_delta"]
 
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -198,6 +200,9 @@ class LoRA(PeftMethod):
             restored[key] = adapter[key]
         return restored
 
+    def merge_map(self) -> StateMap:
+        return LoRAMergeMap(self.config, unmerge=False)
+
     def bind_forward(self, spec: Mapping[str, Any]) -> Callable[[Mapping[str, Any]], dict[str, list[WeightAdapter]]]:
         targets = self.targets(spec)
         scale, dropout = self.scale, self.config.params.dropout
@@ -235,3 +240,46 @@ class LoRA(PeftMethod):
                 f"Cannot {action} LoRA: the tree has no {', '.join(repr(k) for k in missing[:4])}"
                 f"{' and more' if len(missing) > 4 else ''}. Pass the tree returned by inject (or its adapter leaves)."
             )
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRAMergeMap(StateMap):
+    """LoRA's merge as a map: ``(W, A, B) -> (W + s B A, A, B)``, every other key unchanged.
+
+    With ``unmerge=True`` it is the inverse shear ``(W', A, B) -> (W' - s B A, A, B)``.
+    Not exact: the sum is rounded to the base dtype.
+    """
+
+    config: LoRAConfig
+    unmerge: bool = False
+    exact = False
+
+    def reads(self, spec):
+        return set(spec)
+
+    def _plan(self, spec):
+        method = LoRA(self.config)
+        groups: list[Group] = []
+        done: set[str] = set()
+        for module in method.targets(spec):
+            keys = (_weight_key(module), _leaf_key(module, "lora_A"), _leaf_key(module, "lora_B"))
+            LoRA._require(spec, set(keys), "unmerge" if self.unmerge else "merge")
+            method._adapter_pair(spec, module, spec[keys[0]])
+            groups.append(Group(keys, keys, self._shear(keys, method.scale)))
+            done.update(keys)
+        groups.extend(Group((key,), (key,), dict) for key in spec if key not in done)
+        return groups
+
+    def _shear(self, keys: tuple[str, str, str], scale: float):
+        weight_key, key_a, key_b = keys
+        sign = -1 if self.unmerge else 1
+
+        def fn(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            weight = tensors[weight_key]
+            delta = lora_delta(tensors[key_a], tensors[key_b], scale, weight.dtype)
+            return {weight_key: add_delta(weight, delta, sign=sign), key_a: tensors[key_a], key_b: tensors[key_b]}
+
+        return fn
+
+    def inverse(self) -> StateMap:
+        return LoRAMergeMap(self.config, unmerge=not self.unmerge)

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from ..maps import StateMap, compose
 from ..tree import Tree, select
 from .base import PeftMethod, WeightAdapter
 from .config import PeftStackConfig
@@ -67,6 +68,9 @@ class PeftStack(PeftMethod):
             own_keys = method.adapter_keys(tree) & set(adapter)
             tree = method.unmerge(tree, select(adapter, own_keys))
         return tree
+
+    def merge_map(self) -> StateMap:
+        return compose(*(method.merge_map() for method in reversed(self.methods)))
 
     def bind_forward(self, spec: Mapping[str, Any]) -> Callable[[Mapping[str, Any]], dict[str, list[WeightAdapter]]]:
         # Targets depend on base weight keys only, so every member plans on the same spec.
