@@ -43,6 +43,9 @@ class TensorSpec:
     shape: tuple[int, ...]
     dtype: torch.dtype
     device: torch.device = torch.device("cpu")
+    #: True for a leaf that a method's ``inject`` creates, so a loader knows
+    #: not to look for it in a base checkpoint.
+    adapter: bool = False
 
     @property
     def ndim(self) -> int:
@@ -56,7 +59,8 @@ class TensorSpec:
         return cls(tuple(value.shape), value.dtype, value.device)
 
     def __repr__(self) -> str:
-        return f"TensorSpec({self.shape}, {self.dtype}, {self.device})"
+        flag = ", adapter=True" if self.adapter else ""
+        return f"TensorSpec({self.shape}, {self.dtype}, {self.device}{flag})"
 
 
 Leaf = TypeVar("Leaf", torch.Tensor, TensorSpec)

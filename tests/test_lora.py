@@ -85,7 +85,8 @@ def test_inject_on_spec_plans_without_allocating():
     planned = lora(r".*", r=16).inject(spec_of(model))
 
     assert all(isinstance(leaf, TensorSpec) for leaf in planned.values())
-    assert planned["0.lora_A"] == TensorSpec((16, 4096), torch.float32, torch.device("meta"))
+    assert planned["0.lora_A"] == TensorSpec((16, 4096), torch.float32, torch.device("meta"), adapter=True)
+    assert not planned["0.weight"].adapter
     assert planned["1.lora_B"].shape == (4096, 16)
 
 

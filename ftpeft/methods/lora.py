@@ -138,8 +138,8 @@ class LoRA(PeftMethod):
             weight = TensorSpec.of(params[_weight_key(module)])
             out_features, in_features = weight.shape
             dtype = adapter_dtype(weight.dtype)
-            spec_a = TensorSpec((rank, in_features), dtype, weight.device)
-            spec_b = TensorSpec((out_features, rank), dtype, weight.device)
+            spec_a = TensorSpec((rank, in_features), dtype, weight.device, adapter=True)
+            spec_b = TensorSpec((out_features, rank), dtype, weight.device, adapter=True)
             if planning:
                 adapted[_leaf_key(module, "lora_A")] = spec_a
                 adapted[_leaf_key(module, "lora_B")] = spec_b

@@ -1,0 +1,190 @@
+"""Reading and writing the safetensors format one tensor at a time.
+
+A safetensors file is an 8-byte little-endian header length N, N bytes of
+JSON (``{name: {"dtype", "shape", "data_offsets": [begin, end]}, ...}`` plus
+an optional ``"__metadata__"`` of strings), then the raw little-endian bytes
+of every tensor, offsets counted from the end of the header. Reading with
+plain file reads instead of a memory map keeps the resident memory to the
+tensors actually asked for.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..tree import TensorSpec
+
+__all__ = ["DTYPES", "Header", "TensorEntry", "read_header", "read_tensor", "write_file", "tensor_bytes"]
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "U16": torch.uint16,
+    "U32": torch.uint32,
+    "U64": torch.uint64,
+}
+_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+
+# Larger headers are almost certainly a corrupt length field.
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file or index is missing, truncated or malformed."""
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """Where one tensor's bytes sit in a file."""
+
+    file: Path
+    spec: TensorSpec
+    begin: int
+    end: int
+
+
+@dataclass(frozen=True)
+class Header:
+    """The parsed header of one safetensors file."""
+
+    file: Path
+    entries: dict[str, TensorEntry]
+    metadata: dict[str, str]
+
+
+def read_header(file: str | os.PathLike) -> Header:
+    """Parse a safetensors header and check every offset against the file size.
+
+    Raises:
+        CheckpointError: naming the file when it is truncated or malformed.
+        FileNotFoundError: naming the file when it does not exist.
+    """
+    file = Path(file)
+    if not file.is_file():
+        raise FileNotFoundError(f"Checkpoint file {str(file)!r} does not exist.")
+    size = file.stat().st_size
+    with file.open("rb") as handle:
+        prefix = handle.read(8)
+        if len(prefix) < 8:
+            raise CheckpointError(f"{str(file)!r} is not a safetensors file: it is only {size} bytes long.")
+        (length,) = struct.unpack("<Q", prefix)
+        if length > _MAX_HEADER or 8 + length > size:
+            raise CheckpointError(
+                f"{str(file)!r} is truncated or corrupt: its header claims {length} bytes but the file has {size}."
+            )
+        try:
+            raw = json.loads(handle.read(length).decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise CheckpointError(f"{str(file)!r} has a corrupt safetensors header ({error}).") from None
+
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{str(file)!r} has a corrupt safetensors header (not a JSON object).")
+    metadata = raw.pop("__metadata__", None) or {}
+    data_start = 8 + length
+    entries: dict[str, TensorEntry] = {}
+    for name, info in raw.items():
+        try:
+            dtype = DTYPES[info["dtype"]]
+            shape = tuple(int(d) for d in info["shape"])
+            begin, end = (int(v) for v in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{str(file)!r} has a malformed header entry for tensor {name!r}: {info!r}.") from None
+        expected = _numel(shape) * _itemsize(dtype)
+        if end - begin != expected or begin < 0:
+            raise CheckpointError(
+                f"{str(file)!r}: tensor {name!r} of shape {shape} and dtype {info['dtype']} needs {expected} bytes, "
+                f"but its offsets span {end - begin}."
+            )
+        if data_start + end > size:
+            raise CheckpointError(
+                f"{str(file)!r} is truncated: tensor {name!r} ends at byte {data_start + end} but the file has {size}."
+            )
+        entries[name] = TensorEntry(file, TensorSpec(shape, dtype), data_start + begin, data_start + end)
+    return Header(file, entries, metadata)
+
+
+def read_tensor(entry: TensorEntry, handle=None) -> torch.Tensor:
+    """Read one tensor's bytes into a new CPU tensor."""
+    tensor = torch.empty(entry.spec.shape, dtype=entry.spec.dtype)
+    if entry.end == entry.begin:
+        return tensor
+    buffer = memoryview(tensor.view(-1).view(torch.uint8).numpy())
+    close = handle is None
+    handle = handle or open(entry.file, "rb")  # noqa: SIM115 - closed below when opened here
+    try:
+        handle.seek(entry.begin)
+        read = handle.readinto(buffer)
+    finally:
+        if close:
+            handle.close()
+    if read != entry.end - entry.begin:
+        raise CheckpointError(f"{str(entry.file)!r} is truncated: could not read all bytes of a tensor.")
+    return tensor
+
+
+def tensor_bytes(spec: TensorSpec) -> int:
+    """Return how many bytes a tensor of this spec occupies on disk."""
+    return _numel(spec.shape) * _itemsize(spec.dtype)
+
+
+def write_file(file: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> None:
+    """Write tensors to one safetensors file, one tensor at a time.
+
+    The header is padded with spaces to a multiple of 8 bytes, as the
+    safetensors library does, so every tensor starts aligned.
+    """
+    header: dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = dict(metadata)
+    offset = 0
+    for name, tensor in tensors.items():
+        if tensor.dtype not in _NAMES:
+            raise TypeError(f"Tensor {name!r} has dtype {tensor.dtype}, which safetensors cannot store.")
+        size = tensor.numel() * tensor.element_size()
+        header[name] = {"dtype": _NAMES[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    encoded += b" " * (-len(encoded) % 8)
+
+    with open(file, "wb") as handle:
+        handle.write(struct.pack("<Q", len(encoded)))
+        handle.write(encoded)
+        for tensor in tensors.values():
+            _write_tensor(handle, tensor)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _write_tensor(handle, tensor: torch.Tensor) -> None:
+    if tensor.numel() == 0:
+        return
+    data = tensor.detach().to("cpu").contiguous()
+    handle.write(memoryview(data.view(-1).view(torch.uint8).numpy()))
+
+
+def _numel(shape: Iterable[int]) -> int:
+    count = 1
+    for dim in shape:
+        count *= dim
+    return count
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()

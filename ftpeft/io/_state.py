@@ -1,0 +1,316 @@
+"""Streamed, sharded checkpoint loading and saving through maps."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import uuid
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..maps import Plan, StateMap, identity
+from ..maps._core import run_group
+from ..tree import TensorSpec, Tree, combine
+from ._format import CheckpointError, TensorEntry, read_header, read_tensor, tensor_bytes, write_file
+
+__all__ = ["CheckpointError", "checkpoint_spec", "iter_state", "load_state", "save_state"]
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+
+
+def _checkpoint_entries(path: str | os.PathLike) -> dict[str, TensorEntry]:
+    """Locate every tensor of a checkpoint: one file, or a directory with an index or one model.safetensors.
+
+    Only files that the index names are opened, so stale shards beside them
+    are never read.
+    """
+    path = Path(path)
+    if path.is_file():
+        return dict(read_header(path).entries)
+    if not path.is_dir():
+        raise FileNotFoundError(f"Checkpoint path {str(path)!r} does not exist; give a .safetensors file or a directory.")
+
+    index_file = path / INDEX_NAME
+    if index_file.is_file():
+        try:
+            weight_map = json.loads(index_file.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            raise CheckpointError(f"{str(index_file)!r} is not a valid index ({error!r}); it needs a 'weight_map' object.") from None
+        entries: dict[str, TensorEntry] = {}
+        headers = {}
+        for key, file_name in weight_map.items():
+            file = path / file_name
+            if file_name not in headers:
+                if not file.is_file():
+                    raise FileNotFoundError(f"{str(index_file)!r} maps {key!r} to {file_name!r}, which does not exist.")
+                headers[file_name] = read_header(file)
+            header = headers[file_name]
+            if key not in header.entries:
+                raise CheckpointError(f"{str(index_file)!r} maps {key!r} to {file_name!r}, but that file has no tensor {key!r}.")
+            entries[key] = header.entries[key]
+        return entries
+
+    single = path / SINGLE_NAME
+    if single.is_file():
+        return dict(read_header(single).entries)
+    raise FileNotFoundError(
+        f"{str(path)!r} holds neither {INDEX_NAME} nor {SINGLE_NAME}; point at a checkpoint directory or a .safetensors file."
+    )
+
+
+def checkpoint_spec(path: str | os.PathLike) -> dict[str, TensorSpec]:
+    """Return the spec of every tensor in a checkpoint, reading headers only."""
+    return {key: entry.spec for key, entry in _checkpoint_entries(path).items()}
+
+
+def iter_state(
+    path: str | os.PathLike,
+    map: StateMap | None = None,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    passthrough: bool = False,
+    progress: bool = False,
+) -> Iterator[Tree]:
+    """Yield a checkpoint group by group, through a map, holding one group at a time.
+
+    Each yielded tree holds one dependency group's outputs. The group's
+    inputs are read from the files that hold them, converted, and dropped
+    before the next group is read, so piping this into :func:`save_state`
+    converts a checkpoint in memory bounded by the largest group and one
+    output shard.
+
+    Args:
+        path: a ``.safetensors`` file, or a directory with
+            ``model.safetensors.index.json`` or ``model.safetensors``.
+        map: applied to the checkpoint's keys; identity when None.
+        device: where the yielded tensors live.
+        dtype: cast floating-point outputs to this dtype.
+        passthrough: pass keys the map does not read through unchanged.
+        progress: show a progress bar over groups.
+    """
+    entries = _checkpoint_entries(path)
+    plan = (map or identity).plan({key: entry.spec for key, entry in entries.items()}, passthrough=passthrough)
+    yield from _run_plan(plan, entries, device=device, dtype=dtype, progress=progress)
+
+
+def _run_plan(plan: Plan, entries: Mapping[str, TensorEntry], *, device, dtype, progress: bool) -> Iterator[Tree]:
+    groups = plan.groups
+    if progress:
+        from tqdm.auto import tqdm
+
+        groups = tqdm(groups, desc="groups", unit="group")
+    with contextlib.ExitStack() as stack:
+        handles: dict[Path, Any] = {}
+        for group in groups:
+            if not group.outputs:
+                continue
+            inputs = {}
+            for key in group.inputs:
+                entry = entries[key]
+                if entry.file not in handles:
+                    handles[entry.file] = stack.enter_context(open(entry.file, "rb"))
+                inputs[key] = read_tensor(entry, handles[entry.file])
+            outputs = run_group(group, inputs)
+            del inputs
+            yield {key: _place(value, device, dtype) for key, value in outputs.items()}
+
+
+def _place(value: torch.Tensor, device, dtype: torch.dtype | None) -> torch.Tensor:
+    if dtype is not None and value.is_floating_point():
+        value = value.to(dtype)
+    return value.to(device)
+
+
+def load_state(
+    path: str | os.PathLike,
+    map: StateMap | None = None,
+    *,
+    spec: Mapping[str, TensorSpec] | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    passthrough: bool = False,
+    progress: bool = False,
+) -> Tree:
+    """Load a checkpoint, through a map, into one tree.
+
+    Reads a ``.safetensors`` file or a sharded Hugging Face directory, group
+    by group (see :func:`iter_state`). Only the files the index names, and
+    only the ones the map's groups need, are opened.
+
+    Args:
+        spec: the spec the result must fit, for example
+            ``method.inject(spec_of(meta_model))``. Every loaded key must be
+            in it with the same shape and dtype (after ``dtype``); every key
+            of it must be loaded, except adapter leaves, which ``inject``
+            fills afterwards.
+
+    Raises:
+        FileNotFoundError: naming a missing path or a shard the index names.
+        CheckpointError: naming a truncated or corrupt file, or an index
+            entry whose tensor is missing.
+        ValueError: naming a key whose shape or dtype differs from ``spec``,
+            or keys the spec lacks or the checkpoint lacks.
+    """
+    tree = combine(*iter_state(path, map, device=device, dtype=dtype, passthrough=passthrough, progress=progress))
+    if spec is not None:
+        _check_against(tree, spec, path)
+    return tree
+
+
+def _check_against(tree: Mapping[str, torch.Tensor], spec: Mapping[str, TensorSpec], path) -> None:
+    unexpected = [key for key in tree if key not in spec]
+    if unexpected:
+        raise ValueError(
+            f"Checkpoint {str(path)!r} holds key(s) {', '.join(repr(k) for k in unexpected[:5])} that the spec does not "
+            "have. Map the keys (for example StripPrefix('model')) or pass passthrough only for keys the model has."
+        )
+    for key, value in tree.items():
+        want = spec[key]
+        if tuple(value.shape) != want.shape or value.dtype != want.dtype:
+            raise ValueError(
+                f"Checkpoint {str(path)!r}: {key!r} has shape {tuple(value.shape)} and dtype {value.dtype}, but the spec "
+                f"expects shape {want.shape} and dtype {want.dtype}."
+            )
+    missing = [key for key, want in spec.items() if key not in tree and not want.adapter]
+    if missing:
+        raise ValueError(
+            f"Checkpoint {str(path)!r} has no value for key(s) {', '.join(repr(k) for k in missing[:5])}"
+            f"{f' and {len(missing) - 5} more' if len(missing) > 5 else ''} that the spec expects."
+        )
+
+
+def _parse_size(size: int | str) -> int:
+    if isinstance(size, int):
+        if size < 1:
+            raise ValueError(f"shard_size must be positive, got {size}.")
+        return size
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
+    text = size.strip().upper()
+    for unit in sorted(units, key=len, reverse=True):
+        if text.endswith(unit):
+            number = text[: -len(unit)].strip()
+            try:
+                return _parse_size(int(float(number) * units[unit]))
+            except ValueError:
+                break
+    raise ValueError(f"shard_size {size!r} is not a size; give bytes as an int or a string such as '2GB' or '500MiB'.")
+
+
+def save_state(
+    path: str | os.PathLike,
+    tree_or_iterable: Mapping[str, torch.Tensor] | Iterable[Mapping[str, torch.Tensor]],
+    map: StateMap | None = None,
+    *,
+    shard_size: int | str = "5GB",
+    metadata: Mapping[str, str] | None = None,
+    passthrough: bool = False,
+    progress: bool = False,
+) -> Path:
+    """Write a tree, or a stream of trees, as sharded safetensors in a directory.
+
+    Shards are named ``model-0000i-of-0000N.safetensors`` and listed in
+    ``model.safetensors.index.json`` (``metadata.total_size`` is the sum of
+    tensor bytes). A tensor larger than ``shard_size`` gets a shard of its
+    own. Every file is first written under a temporary name in ``path`` and
+    renamed at the end, the index last, so an error midway leaves no file
+    under a final name. Files already in the directory that the new index
+    does not name are left alone.
+
+    Args:
+        path: the output directory (created if needed).
+        tree_or_iterable: one tree, or an iterable of trees such as
+            :func:`iter_state` yields.
+        map: applied before writing (to each tree of an iterable).
+        shard_size: the largest shard, in bytes or as a string such as ``"2GB"``.
+        metadata: extra string metadata for every shard header, besides ``format: pt``.
+
+    Returns:
+        The path of the index json.
+    """
+    limit = _parse_size(shard_size)
+    directory = Path(path)
+    if directory.suffix == ".safetensors":
+        raise ValueError(f"save_state writes a directory of shards; {str(directory)!r} looks like a file name. Drop the suffix.")
+    directory.mkdir(parents=True, exist_ok=True)
+    header_metadata = {"format": "pt", **(metadata or {})}
+
+    token = uuid.uuid4().hex[:12]
+    written: list[tuple[Path, list[str]]] = []
+    weight_sizes: dict[str, int] = {}
+    buffer: dict[str, torch.Tensor] = {}
+    buffered = 0
+
+    def flush() -> None:
+        nonlocal buffer, buffered
+        if not buffer:
+            return
+        temporary = directory / f".ftpeft-{token}-{len(written):05d}.safetensors.tmp"
+        write_file(temporary, buffer, header_metadata)
+        written.append((temporary, list(buffer)))
+        buffer, buffered = {}, 0
+
+    try:
+        for tree in _trees(tree_or_iterable, map, passthrough=passthrough, progress=progress):
+            for key, tensor in tree.items():
+                if key in weight_sizes:
+                    raise ValueError(f"save_state received key {key!r} twice; each key must be written once.")
+                size = tensor_bytes(TensorSpec.of(tensor))
+                if buffer and buffered + size > limit:
+                    flush()
+                buffer[key] = tensor
+                buffered += size
+                weight_sizes[key] = size
+        flush()
+
+        count = len(written)
+        weight_map: dict[str, str] = {}
+        finals: list[tuple[Path, Path]] = []
+        for number, (temporary, keys) in enumerate(written, start=1):
+            name = f"model-{number:05d}-of-{count:05d}.safetensors"
+            finals.append((temporary, directory / name))
+            weight_map.update({key: name for key in keys})
+        index = {"metadata": {"total_size": sum(weight_sizes.values())}, "weight_map": dict(sorted(weight_map.items()))}
+        index_temporary = directory / f".ftpeft-{token}-index.json.tmp"
+        index_temporary.write_text(json.dumps(index, indent=2) + "\n")
+    except BaseException:
+        for temporary, _ in written:
+            temporary.unlink(missing_ok=True)
+        (directory / f".ftpeft-{token}-index.json.tmp").unlink(missing_ok=True)
+        raise
+
+    # NOTE: each rename is atomic, but the set of renames is not: a crash
+    # between them can leave new shards under final names beside an old
+    # index. The index is renamed last, so a reader never sees a new index
+    # that names a missing shard.
+    for temporary, final in finals:
+        os.replace(temporary, final)
+    index_path = directory / INDEX_NAME
+    os.replace(index_temporary, index_path)
+    return index_path
+
+
+def _trees(source, map: StateMap | None, *, passthrough: bool, progress: bool) -> Iterator[Mapping[str, torch.Tensor]]:
+    if isinstance(source, Mapping):
+        if map is None:
+            yield source
+            return
+        plan = map.plan(source, passthrough=passthrough)
+        groups = plan.groups
+        if progress:
+            from tqdm.auto import tqdm
+
+            groups = tqdm(groups, desc="groups", unit="group")
+        for group in groups:
+            if group.outputs:
+                yield run_group(group, {key: source[key] for key in group.inputs})
+        return
+    for tree in source:
+        if not isinstance(tree, Mapping):
+            raise TypeError(f"save_state expects a tree or an iterable of trees, but the iterable yielded {type(tree).__name__}.")
+        yield tree if map is None else map(tree, passthrough=passthrough)
