@@ -118,7 +118,11 @@ def _run_plan(plan: Plan, entries: Mapping[str, TensorEntry], *, device, dtype, 
                 inputs[key] = read_tensor(entry, handles[entry.file])
             outputs = run_group(group, inputs)
             del inputs
-            yield {key: _place(value, device, dtype) for key, value in outputs.items()}
+            placed = {key: _place(value, device, dtype) for key, value in outputs.items()}
+            del outputs
+            yield placed
+            # Drop this group before reading the next one.
+            del placed
 
 
 def _place(value: torch.Tensor, device, dtype: torch.dtype | None) -> torch.Tensor:
@@ -266,6 +270,7 @@ def save_state(
                 buffer[key] = tensor
                 buffered += size
                 weight_sizes[key] = size
+            tree = tensor = None  # release this tree before the next one is produced
         flush()
 
         count = len(written)
@@ -314,3 +319,4 @@ def _trees(source, map: StateMap | None, *, passthrough: bool, progress: bool) -
         if not isinstance(tree, Mapping):
             raise TypeError(f"save_state expects a tree or an iterable of trees, but the iterable yielded {type(tree).__name__}.")
         yield tree if map is None else map(tree, passthrough=passthrough)
+        del tree
