@@ -254,6 +254,16 @@ def test_unread_keys_are_reported_unless_passthrough():
     assert list(Transpose(("w",))(tree, passthrough=True)) == ["w", "norm"]
 
 
+def test_composition_checks_keys_across_stages():
+    tree = {"x": torch.zeros(2, 3), "y": torch.zeros(3, 2), "z": torch.zeros(1)}
+
+    out = (Transpose(("x",)) >> Transpose(("y",)) >> Drop(("z",)))(tree)
+
+    assert list(out) == ["x", "y"]
+    with pytest.raises(ValueError, match="'z'"):
+        (Transpose(("x",)) >> Transpose(("x",)) >> Transpose(("y",)))(tree)
+
+
 def test_parallel_rejects_shared_inputs_and_outputs():
     tree = {"a": torch.zeros(2, 2), "b": torch.zeros(2, 2)}
 

@@ -28,14 +28,16 @@ class Group:
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
     fn: GroupFn = dataclasses.field(compare=False, repr=False)
+    #: True for a group that only passes an unread key through unchanged.
+    passthrough: bool = dataclasses.field(default=False, compare=False, repr=False)
 
 
 def _keep(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return dict(tensors)
 
 
-def identity_group(key: str) -> Group:
-    return Group((key,), (key,), _keep)
+def identity_group(key: str, *, passthrough: bool = False) -> Group:
+    return Group((key,), (key,), _keep, passthrough)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,12 +157,8 @@ class StateMap(abc.ABC):
         read = self.reads(spec)
         unread = [key for key in spec if key not in read]
         if unread and not passthrough:
-            raise ValueError(
-                f"No group of {self!r} reads key(s) {', '.join(repr(k) for k in unread[:5])}"
-                f"{f' and {len(unread) - 5} more' if len(unread) > 5 else ''}. Extend the map to cover them, or "
-                "pass passthrough=True to keep them unchanged."
-            )
-        groups.extend(identity_group(key) for key in unread)
+            _raise_unread(self, unread)
+        groups.extend(identity_group(key, passthrough=True) for key in unread)
         return plan_groups(groups, spec)
 
     def __call__(self, tree: Mapping[str, Any], *, passthrough: bool = False) -> Tree:
@@ -176,6 +174,14 @@ class StateMap(abc.ABC):
         if not isinstance(other, StateMap):
             return NotImplemented
         return Parallel(_flatten(Parallel, (self, other)))
+
+
+def _raise_unread(state_map: StateMap, unread: list[str]) -> None:
+    raise ValueError(
+        f"No group of {state_map!r} reads key(s) {', '.join(repr(k) for k in unread[:5])}"
+        f"{f' and {len(unread) - 5} more' if len(unread) > 5 else ''}. Extend the map to cover them, or "
+        "pass passthrough=True to keep them unchanged."
+    )
 
 
 def _as_spec(tree: Mapping[str, Any]) -> dict[str, TensorSpec]:
@@ -239,14 +245,36 @@ class Compose(StateMap):
         return self.plan_stages(_as_spec(spec), passthrough=passthrough)
 
     def plan_stages(self, spec: Mapping[str, TensorSpec], *, passthrough: bool) -> Plan:
-        """Plan every stage, then fuse groups joined by a key into one group per connected set."""
+        """Plan every stage, then fuse groups joined by a key into one group per connected set.
+
+        Each stage passes on the keys it does not read, so ``f >> g`` may
+        leave to ``g`` a key that ``f`` does not touch. Without
+        ``passthrough``, a key that no stage reads raises.
+        """
         plans: list[Plan] = []
         current: Mapping[str, TensorSpec] = spec
+        touched = dict.fromkeys(spec, False)
         for stage in self.maps:
-            stage_plan = stage.plan(current, passthrough=passthrough)
+            stage_plan = stage.plan(current, passthrough=True)
             plans.append(stage_plan)
             current = stage_plan.output_spec
-        return plan_groups(_fuse(plans), spec)
+            next_touched: dict[str, bool] = {}
+            for group in stage_plan.groups:
+                for key in group.outputs:
+                    next_touched[key] = touched[group.inputs[0]] if group.passthrough else True
+            touched = next_touched
+        untouched = [key for key, was_read in touched.items() if not was_read]
+        if untouched and not passthrough:
+            _raise_unread(self, untouched)
+
+        # A fused group that only carries an untouched key is still a passthrough
+        # group, so an enclosing composition keeps track of what was read.
+        fused = []
+        for group in _fuse(plans):
+            if len(group.outputs) == 1 and not touched[group.outputs[0]]:
+                group = dataclasses.replace(group, passthrough=True)
+            fused.append(group)
+        return plan_groups(fused, spec)
 
     def inverse(self) -> StateMap:
         return compose(*(m.inverse() for m in reversed(self.maps)))
