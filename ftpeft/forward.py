@@ -35,6 +35,9 @@ from .tree import Tree, combine, spec_of
 __all__ = ["functional_forward"]
 
 _LINEAR_FUNCTIONS = frozenset({F.linear, torch._C._nn.linear})
+# Ops that compute x @ W with the weight as second operand, as transformers'
+# Conv1D does with a weight stored (in, out).
+_MATMUL_FUNCTIONS = frozenset({torch.addmm, torch.Tensor.addmm, torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.mm, torch.Tensor.mm})
 
 
 def _metadata_functions() -> frozenset[Any]:
@@ -85,8 +88,12 @@ class _AdaptedWeights(TorchFunctionMode):
         if func in _LINEAR_FUNCTIONS:
             weight = args[1] if len(args) > 1 else kwargs.get("weight")
             entry = self._entry(weight)
-            if entry is not None:
+            if entry is not None and not any(adapter.transposed for adapter in entry[1]):
                 return self._linear(func, entry, args, kwargs)
+        elif func in _MATMUL_FUNCTIONS:
+            result = self._matmul(func, args, kwargs)
+            if result is not None:
+                return result
         if func in _METADATA_FUNCTIONS or not self._touches_adapted(args, kwargs):
             return func(*args, **kwargs)
         args, kwargs = optree.tree_map(self._materialise_if_adapted, (args, kwargs))
@@ -101,6 +108,27 @@ class _AdaptedWeights(TorchFunctionMode):
         output = func(*args, **kwargs)
         for delta in deltas:
             output = output + delta.to(output.dtype)
+        return output
+
+    def _matmul(self, func, args, kwargs):
+        """Return ``x @ W`` plus the unmerged updates for a transposed weight, or None to fall back."""
+        is_addmm = func in (torch.addmm, torch.Tensor.addmm)
+        operands = args[1:3] if is_addmm else args[:2]
+        if len(operands) != 2 or kwargs.keys() - {"beta", "alpha"}:
+            return None
+        x, weight = operands
+        entry = self._entry(weight)
+        if entry is None or not all(adapter.transposed for adapter in entry[1]) or self._entry(x) is not None:
+            return None
+        if not is_addmm and (x.dim() < 2 or kwargs):
+            return None
+        deltas = [adapter.linear_delta(x, entry[2]) for adapter in entry[1]]
+        if any(delta is None for delta in deltas):
+            return None
+        output = func(*args, **kwargs)
+        factor = kwargs.get("alpha", 1) if is_addmm else 1
+        for delta in deltas:
+            output = output + (delta * factor if factor != 1 else delta).to(output.dtype)
         return output
 
     @staticmethod

@@ -60,6 +60,15 @@ def tiny_bert():
     return transformers.BertModel(config).eval()
 
 
+def tiny_gpt2():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(
+        n_embd=32, n_layer=2, n_head=4, vocab_size=64, n_positions=64, bos_token_id=0, eos_token_id=0,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    )
+    return transformers.GPT2LMHeadModel(config).eval()
+
+
 def state_of(model: nn.Module) -> dict[str, torch.Tensor]:
     """Return a detached copy of the model's state, as a user's loaded checkpoint would be."""
     return {k: v.detach().clone() for k, v in model.state_dict().items()}

@@ -100,6 +100,33 @@ def test_linear_builds_no_dense_update():
     assert set(dense) <= {"view", "alias", "detach"}, dense
 
 
+class StoredTransposed(nn.Module):
+    """Keeps its weight as (in, out) and calls addmm, as transformers' Conv1D does."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(5, 7))
+        self.bias = nn.Parameter(torch.randn(7))
+
+    def forward(self, x):
+        return torch.addmm(self.bias, x, self.weight)
+
+
+def test_transposed_weight_uses_addmm_without_dense_update():
+    model = StoredTransposed()
+    method = lora(r".*", r=2, alpha=2.0, fan_in_fan_out=True)
+    tree = randomise_lora_b(method.inject(state_of(model)))
+    x = torch.randn(3, 5)
+
+    with RecordShapes() as recorder:
+        out = functional_forward(model, method)(tree, x)
+
+    dense = [name for name, shape in recorder.records if shape in {(5, 7), (7, 5)}]
+    assert set(dense) <= {"view", "alias", "detach"}, dense
+    expected = tree["bias"] + x @ tree["weight"] + (x @ tree["lora_A"].T) @ tree["lora_B"].T
+    torch.testing.assert_close(out, expected)
+
+
 class UsesWeightDirectly(nn.Module):
     """Reaches its weight through matmul, transpose and indexing instead of F.linear."""
 

@@ -291,3 +291,53 @@ def test_merge_on_spec_drops_adapter_keys():
     planned = method.inject(spec_of({"w.weight": torch.empty(3, 3, device="meta")}))
 
     assert list(method.merge(planned)) == ["w.weight"]
+
+
+def test_rank_and_alpha_patterns_set_per_module_values():
+    tree = {"layers.0.q_proj.weight": torch.randn(4, 6), "layers.0.v_proj.weight": torch.randn(4, 6)}
+    config = LoRAConfig(
+        module_name_pattern=["q_proj", "v_proj"],
+        params=LoRAParameters(r=2, alpha=4.0),
+        rank_pattern={"v_proj": 3},
+        alpha_pattern={r"layers\.0\.v_proj": 9.0},
+    )
+    method = peft_method_from_config(config)
+
+    injected = method.inject(tree)
+    injected["layers.0.v_proj.lora_B"] = torch.randn(4, 3)
+    merged = method.merge(injected)
+
+    assert injected["layers.0.q_proj.lora_A"].shape == (2, 6)
+    assert injected["layers.0.v_proj.lora_A"].shape == (3, 6)
+    assert config.scale_of("layers.0.q_proj") == 2.0
+    assert config.scale_of("layers.0.v_proj") == 3.0
+    expected = tree["layers.0.v_proj.weight"] + 3.0 * injected["layers.0.v_proj.lora_B"] @ injected["layers.0.v_proj.lora_A"]
+    torch.testing.assert_close(merged["layers.0.v_proj.weight"], expected)
+
+
+def test_rank_pattern_matches_only_at_segment_boundary():
+    config = LoRAConfig(module_name_pattern="x", params=LoRAParameters(r=2), rank_pattern={"proj": 5})
+
+    assert config.rank_of("layers.0.proj") == 5
+    assert config.rank_of("layers.0.q_proj") == 2
+
+
+def test_invalid_rank_pattern_is_rejected():
+    with pytest.raises(ValueError, match="rank_pattern"):
+        LoRAConfig(module_name_pattern="x", rank_pattern={"q": 0})
+
+
+def test_fan_in_fan_out_uses_transposed_layout():
+    # A weight stored (in, out) = (5, 3), as transformers' Conv1D stores it.
+    tree = {"c_attn.weight": torch.randn(5, 3)}
+    method = lora(["c_attn"], r=2, alpha=2.0, fan_in_fan_out=True)
+
+    injected = method.inject(tree)
+    injected["c_attn.lora_B"] = torch.randn(3, 2)
+    merged = method.merge(injected)
+
+    assert injected["c_attn.lora_A"].shape == (2, 5)
+    assert injected["c_attn.lora_B"].shape == (3, 2)
+    x = torch.randn(4, 5)
+    expected = x @ tree["c_attn.weight"] + (x @ injected["c_attn.lora_A"].T) @ injected["c_attn.lora_B"].T
+    torch.testing.assert_close(x @ merged["c_attn.weight"], expected)

@@ -24,16 +24,20 @@ class WeightAdapter(abc.ABC):
 
     #: Path of the module that owns the weight; its ``training`` flag switches dropout.
     module: str
+    #: True when the weight is stored as ``(in, out)`` and used as ``x @ W``
+    #: (transformers' Conv1D); then ``linear_delta`` serves ``addmm`` and
+    #: ``matmul`` instead of ``F.linear``.
+    transposed: bool = False
 
     @abc.abstractmethod
     def materialise(self, weight: torch.Tensor) -> torch.Tensor:
         """Return the adapted weight as one dense tensor of the base weight's shape and dtype."""
 
     def linear_delta(self, x: torch.Tensor, training: bool) -> torch.Tensor | None:
-        """Return what the adapter adds to ``F.linear(x, weight, bias)``, or None.
+        """Return what the adapter adds to ``F.linear(x, weight, bias)`` (or to ``x @ weight`` when transposed), or None.
 
-        None means the adapter has no unmerged rule for ``F.linear`` and the
-        forward falls back to the materialised weight.
+        None means the adapter has no unmerged rule and the forward falls
+        back to the materialised weight.
         """
         return None
 

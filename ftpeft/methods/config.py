@@ -74,6 +74,13 @@ class LoRAParameters(_Config):
         description="Dropout probability on the adapter's input only; applied only while the targeted module is in training mode.",
     )
     use_rslora: bool = Field(False, description="Scale by alpha / sqrt(r) (rank-stabilised LoRA) instead of alpha / r.")
+    fan_in_fan_out: bool = Field(
+        False,
+        description=(
+            "The targeted weights are stored as (in, out) and used as `x @ W`, as transformers' Conv1D (GPT-2) "
+            "stores them. A is then (r, W.shape[0]), B is (W.shape[1], r), and the update added to W is (s * B @ A)^T."
+        ),
+    )
     init: Literal["kaiming_uniform", "gaussian"] = Field(
         "kaiming_uniform",
         description=(
@@ -95,8 +102,44 @@ class LoRAConfig(_Config):
     kind: Literal["lora"] = "lora"
     module_name_pattern: ModulePattern = Field(description=_PATTERN_HELP)
     params: LoRAParameters = Field(default_factory=LoRAParameters, description="LoRA hyperparameters.")
+    rank_pattern: dict[str, int] = Field(
+        default_factory=dict,
+        description=(
+            "Per-module rank overrides: each key is a regular expression fullmatched against a target's path or a "
+            "dot-separated suffix of it; the first key that matches sets that module's r."
+        ),
+    )
+    alpha_pattern: dict[str, float] = Field(
+        default_factory=dict,
+        description="Per-module alpha overrides, matched like rank_pattern.",
+    )
 
     _check = field_validator("module_name_pattern")(_check_pattern)
+
+    @field_validator("rank_pattern", "alpha_pattern")
+    @classmethod
+    def _check_overrides(cls, overrides: dict, info) -> dict:
+        for key, value in overrides.items():
+            try:
+                re.compile(key)
+            except re.error as error:
+                raise ValueError(f"{info.field_name} key {key!r} is not a valid regular expression ({error}).") from None
+            if value <= 0 or (info.field_name == "rank_pattern" and not isinstance(value, int)):
+                raise ValueError(f"{info.field_name}[{key!r}] must be a positive {'integer' if info.field_name == 'rank_pattern' else 'number'}, got {value!r}.")
+        return overrides
+
+    def rank_of(self, module: str) -> int:
+        """Return the rank of the adapter on ``module``, after rank_pattern."""
+        return _override(self.rank_pattern, module, self.params.r)
+
+    def alpha_of(self, module: str) -> float:
+        """Return the alpha of the adapter on ``module``, after alpha_pattern."""
+        return _override(self.alpha_pattern, module, self.params.alpha)
+
+    def scale_of(self, module: str) -> float:
+        """Return the factor ``s`` that multiplies ``B @ A`` on ``module``."""
+        rank = self.rank_of(module)
+        return self.alpha_of(module) / (rank**0.5 if self.params.use_rslora else rank)
 
 
 class FullTuneConfig(_Config):
@@ -120,6 +163,16 @@ class PeftStackConfig(_Config):
         if not methods:
             raise ValueError("methods is empty; a stack needs at least one method config.")
         return methods
+
+
+def _override(overrides: dict, module: str, default):
+    parts = module.split(".")
+    suffixes = [".".join(parts[i:]) for i in range(len(parts))]
+    for key, value in overrides.items():
+        regex = re.compile(key)
+        if any(regex.fullmatch(suffix) for suffix in suffixes):
+            return value
+    return default
 
 
 AnyPeftConfig = Annotated[

@@ -21,14 +21,18 @@ __all__ = ["LoRA", "LoRAMergeMap", "lora_delta", "add_delta"]
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
-def lora_delta(lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float, base_dtype: torch.dtype) -> torch.Tensor:
-    """Return ``scale * B @ A`` in at least float32 precision.
+def lora_delta(
+    lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float, base_dtype: torch.dtype, *, transposed: bool = False
+) -> torch.Tensor:
+    """Return ``scale * B @ A`` (or its transpose) in at least float32 precision.
 
     Merge, unmerge and the forward's materialised weight all call this one
-    function, so they cannot drift apart.
+    function, so they cannot drift apart. ``transposed`` gives the update in
+    the (in, out) layout of a weight stored as transformers' Conv1D stores it.
     """
     compute = torch.promote_types(base_dtype, torch.float32)
-    return (lora_b.to(compute) @ lora_a.to(compute)) * scale
+    delta = (lora_b.to(compute) @ lora_a.to(compute)) * scale
+    return delta.T if transposed else delta
 
 
 def add_delta(weight: torch.Tensor, delta: torch.Tensor, *, sign: int = 1) -> torch.Tensor:
@@ -51,15 +55,16 @@ def _leaf_key(module: str, name: str) -> str:
 
 
 class _LoRAWeight(WeightAdapter):
-    def __init__(self, module: str, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float, dropout: float):
+    def __init__(self, module: str, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float, dropout: float, transposed: bool):
         self.module = module
         self.lora_a = lora_a
         self.lora_b = lora_b
         self.scale = scale
         self.dropout = dropout
+        self.transposed = transposed
 
     def materialise(self, weight: torch.Tensor) -> torch.Tensor:
-        return add_delta(weight, lora_delta(self.lora_a, self.lora_b, self.scale, weight.dtype))
+        return add_delta(weight, lora_delta(self.lora_a, self.lora_b, self.scale, weight.dtype, transposed=self.transposed))
 
     def linear_delta(self, x: torch.Tensor, training: bool) -> torch.Tensor:
         hidden = x.to(self.lora_a.dtype)
@@ -78,15 +83,19 @@ class LoRA(PeftMethod):
     ``s = alpha / r`` (``alpha / sqrt(r)`` with rsLoRA). A starts
     kaiming-uniform (or gaussian) and B at zero, so a fresh adapter changes
     nothing. Adapter leaves are float32 when the base weight is float16 or
-    bfloat16, and take the base weight's dtype otherwise.
+    bfloat16, and take the base weight's dtype otherwise. With
+    ``fan_in_fan_out`` the weight is stored as ``(in, out)`` and the update
+    added to it is transposed. ``rank_pattern`` and ``alpha_pattern`` set r
+    and alpha per module.
     """
 
     def __init__(self, config: LoRAConfig):
         self.config = config
 
-    @property
-    def scale(self) -> float:
-        return self.config.params.scale
+    def _features(self, weight: Any) -> tuple[int, int]:
+        """Return ``(out_features, in_features)`` of a weight in this config's layout."""
+        first, second = weight.shape
+        return (second, first) if self.config.params.fan_in_fan_out else (first, second)
 
     def targets(self, tree: Mapping[str, Any]) -> list[str]:
         """Return the paths of the modules this method adapts in ``tree``.
@@ -132,11 +141,11 @@ class LoRA(PeftMethod):
                 "tree; to stack two LoRAs on one module use separate trees, or merge the first one before injecting."
             )
 
-        rank = self.config.params.r
         adapted: Tree = dict(params)
         for module in targets:
             weight = TensorSpec.of(params[_weight_key(module)])
-            out_features, in_features = weight.shape
+            out_features, in_features = self._features(weight)
+            rank = self.config.rank_of(module)
             dtype = adapter_dtype(weight.dtype)
             spec_a = TensorSpec((rank, in_features), dtype, weight.device, adapter=True)
             spec_b = TensorSpec((out_features, rank), dtype, weight.device, adapter=True)
@@ -144,11 +153,11 @@ class LoRA(PeftMethod):
                 adapted[_leaf_key(module, "lora_A")] = spec_a
                 adapted[_leaf_key(module, "lora_B")] = spec_b
             else:
-                adapted[_leaf_key(module, "lora_A")] = self._init_a(spec_a, generator)
+                adapted[_leaf_key(module, "lora_A")] = self._init_a(spec_a, rank, generator)
                 adapted[_leaf_key(module, "lora_B")] = torch.zeros(spec_b.shape, dtype=dtype, device=weight.device)
         return adapted
 
-    def _init_a(self, spec: TensorSpec, generator: torch.Generator | None) -> torch.Tensor:
+    def _init_a(self, spec: TensorSpec, rank: int, generator: torch.Generator | None) -> torch.Tensor:
         if spec.device.type == "meta":
             return torch.empty(spec.shape, dtype=spec.dtype, device="meta")
 
@@ -157,7 +166,7 @@ class LoRA(PeftMethod):
         draw_device = generator.device if generator is not None else spec.device
         values = torch.empty(spec.shape, dtype=torch.float32, device=draw_device)
         if self.config.params.init == "gaussian":
-            values.normal_(0.0, 1.0 / self.config.params.r, generator=generator)
+            values.normal_(0.0, 1.0 / rank, generator=generator)
         else:
             # kaiming_uniform with a = sqrt(5) on fan_in = in gives the bound 1 / sqrt(in).
             bound = 1.0 / math.sqrt(spec.shape[1])
@@ -173,7 +182,7 @@ class LoRA(PeftMethod):
         for module in self.targets(tree):
             weight_key = _weight_key(module)
             lora_a, lora_b = self._adapter_pair(tree, module, tree[weight_key])
-            merged[weight_key] = add_delta(tree[weight_key], lora_delta(lora_a, lora_b, self.scale, tree[weight_key].dtype))
+            merged[weight_key] = add_delta(tree[weight_key], self._delta(module, lora_a, lora_b, tree[weight_key].dtype))
         return merged
 
     def unmerge(self, merged: Mapping[str, Any], adapter: Mapping[str, Any]) -> Tree:
@@ -194,7 +203,7 @@ class LoRA(PeftMethod):
             for module in self.targets(merged):
                 weight_key = _weight_key(module)
                 lora_a, lora_b = self._adapter_pair(adapter, module, merged[weight_key])
-                delta = lora_delta(lora_a, lora_b, self.scale, merged[weight_key].dtype)
+                delta = self._delta(module, lora_a, lora_b, merged[weight_key].dtype)
                 restored[weight_key] = add_delta(merged[weight_key], delta, sign=-1)
         for key in sorted(adapter_keys):
             restored[key] = adapter[key]
@@ -205,14 +214,15 @@ class LoRA(PeftMethod):
 
     def bind_forward(self, spec: Mapping[str, Any]) -> Callable[[Mapping[str, Any]], dict[str, list[WeightAdapter]]]:
         targets = self.targets(spec)
-        scale, dropout = self.scale, self.config.params.dropout
+        scales = {module: self.config.scale_of(module) for module in targets}
+        dropout, transposed = self.config.params.dropout, self.config.params.fan_in_fan_out
 
         def bind(tree: Mapping[str, Any]) -> dict[str, list[WeightAdapter]]:
             adapters: dict[str, list[WeightAdapter]] = {}
             for module in targets:
                 weight_key = _weight_key(module)
                 lora_a, lora_b = self._adapter_pair(tree, module, tree[weight_key])
-                adapters[weight_key] = [_LoRAWeight(module, lora_a, lora_b, scale, dropout)]
+                adapters[weight_key] = [_LoRAWeight(module, lora_a, lora_b, scales[module], dropout, transposed)]
             return adapters
 
         return bind
@@ -221,8 +231,8 @@ class LoRA(PeftMethod):
         key_a, key_b = _leaf_key(module, "lora_A"), _leaf_key(module, "lora_B")
         self._require(tree, {key_a, key_b}, "use")
         lora_a, lora_b = tree[key_a], tree[key_b]
-        out_features, in_features = weight.shape
-        rank = self.config.params.r
+        out_features, in_features = self._features(weight)
+        rank = self.config.rank_of(module)
         if tuple(lora_a.shape) != (rank, in_features) or tuple(lora_b.shape) != (out_features, rank):
             raise ValueError(
                 f"LoRA leaves of {module!r} have shapes {tuple(lora_a.shape)} (lora_A) and {tuple(lora_b.shape)} "
@@ -231,6 +241,11 @@ class LoRA(PeftMethod):
                 "base model and this config's rank."
             )
         return lora_a, lora_b
+
+    def _delta(self, module: str, lora_a: torch.Tensor, lora_b: torch.Tensor, base_dtype: torch.dtype) -> torch.Tensor:
+        return lora_delta(
+            lora_a, lora_b, self.config.scale_of(module), base_dtype, transposed=self.config.params.fan_in_fan_out
+        )
 
     @staticmethod
     def _require(tree: Mapping[str, Any], keys: set[str], action: str) -> None:
@@ -265,18 +280,18 @@ class LoRAMergeMap(StateMap):
             keys = (_weight_key(module), _leaf_key(module, "lora_A"), _leaf_key(module, "lora_B"))
             LoRA._require(spec, set(keys), "unmerge" if self.unmerge else "merge")
             method._adapter_pair(spec, module, spec[keys[0]])
-            groups.append(Group(keys, keys, self._shear(keys, method.scale)))
+            groups.append(Group(keys, keys, self._shear(keys, method, module)))
             done.update(keys)
         groups.extend(Group((key,), (key,), dict) for key in spec if key not in done)
         return groups
 
-    def _shear(self, keys: tuple[str, str, str], scale: float):
+    def _shear(self, keys: tuple[str, str, str], method: LoRA, module: str):
         weight_key, key_a, key_b = keys
         sign = -1 if self.unmerge else 1
 
         def fn(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             weight = tensors[weight_key]
-            delta = lora_delta(tensors[key_a], tensors[key_b], scale, weight.dtype)
+            delta = method._delta(module, tensors[key_a], tensors[key_b], weight.dtype)
             return {weight_key: add_delta(weight, delta, sign=sign), key_a: tensors[key_a], key_b: tensors[key_b]}
 
         return fn
