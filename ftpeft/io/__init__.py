@@ -4,5 +4,29 @@ from __future__ import annotations
 
 from ._format import CheckpointError
 from ._state import checkpoint_spec, iter_state, load_state, save_state
+from .hf_peft import (
+    FtpeftWarning,
+    HFPeftKeys,
+    RemoveSegment,
+    hf_peft_key_map,
+    load_hf_peft_adapter,
+    read_hf_peft_config,
+    replace_prefix,
+    save_hf_peft_adapter,
+)
 
-__all__ = ["CheckpointError", "checkpoint_spec", "iter_state", "load_state", "save_state"]
+__all__ = [
+    "CheckpointError",
+    "FtpeftWarning",
+    "HFPeftKeys",
+    "RemoveSegment",
+    "checkpoint_spec",
+    "hf_peft_key_map",
+    "iter_state",
+    "load_hf_peft_adapter",
+    "load_state",
+    "read_hf_peft_config",
+    "replace_prefix",
+    "save_hf_peft_adapter",
+    "save_state",
+]

@@ -17,10 +17,36 @@ from ..maps._core import run_group
 from ..tree import TensorSpec, Tree, combine
 from ._format import CheckpointError, TensorEntry, read_header, read_tensor, tensor_bytes, write_file
 
-__all__ = ["CheckpointError", "checkpoint_spec", "iter_state", "load_state", "save_state"]
+__all__ = ["CheckpointError", "atomic_write_file", "atomic_write_text", "checkpoint_spec", "iter_state", "load_state", "save_state"]
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
+
+
+def _temporary_beside(final: Path) -> Path:
+    return final.with_name(f".ftpeft-{uuid.uuid4().hex[:12]}-{final.name}.tmp")
+
+
+def atomic_write_file(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> None:
+    """Write one safetensors file under a temporary name beside ``path``, then rename it to ``path``."""
+    final = Path(path)
+    temporary = _temporary_beside(final)
+    try:
+        write_file(temporary, tensors, metadata)
+        os.replace(temporary, final)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a text file under a temporary name beside ``path``, then rename it to ``path``."""
+    final = Path(path)
+    temporary = _temporary_beside(final)
+    try:
+        temporary.write_text(text)
+        os.replace(temporary, final)
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 def _checkpoint_entries(path: str | os.PathLike) -> dict[str, TensorEntry]:
