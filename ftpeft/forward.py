@@ -172,48 +172,66 @@ def functional_forward(model: nn.Module, method: PeftMethod | None = None) -> Ca
 
     The method plans once, here, on ``spec_of(model)``; each call only looks
     up the tree's leaves, so ``fn`` works under ``torch.func.grad``,
-    ``torch.func.vmap`` and ``torch.compile(fullgraph=True)``. The model is
-    never modified: its parameters, buffers and flags are the same after
-    every call.
+    ``torch.func.vmap`` and ``torch.compile(fullgraph=True)``. The model's
+    parameters, buffers and flags are the same after every call, and so are
+    the tree's tensors: the model's buffers are passed as copies, so a layer
+    that updates a buffer in place (BatchNorm's running statistics in
+    training mode) updates a copy, which is then discarded.
 
-    Args:
-        model: the module to run, on any device, ``meta`` included (then only
-            the tree's tensors need real data).
-        method: the PEFT method whose adapter leaves the tree holds, or None
-            to run the plain model (for example on a merged tree).
-
-    The returned ``fn`` takes:
-        tree: one mapping, or a tuple or list of disjoint mappings such as
-            ``(trainable, frozen)``. It must hold every parameter of the model
-            (under any one of a tied weight's names) and the method's adapter
-            leaves; buffers it lacks are taken from the model.
-        args, kwargs: the model's own inputs.
+    ``fn`` takes ``tree``, one mapping or a tuple or list of disjoint
+    mappings such as ``(trainable, frozen)``, then the model's own inputs.
+    The tree must hold every parameter of the model (under any one of a
+    tied weight's names) and the method's adapter leaves. Buffers it lacks
+    are taken from the model, so a model built on the ``meta`` device needs
+    its buffers in the tree or real buffers of its own.
 
     Dropout in an adapter applies only while the targeted module is in
     training mode (``module.training``); under ``vmap`` pass
     ``randomness="different"`` or ``"same"`` when dropout is active.
 
-    Raises (from ``fn``):
-        ValueError: naming keys the model does not have, or parameters the
-            tree lacks.
+    Args:
+        model: the module to run, on any device.
+        method: the PEFT method whose adapter leaves the tree holds, or None
+            to run the plain model (for example on a merged tree).
+
+    Returns:
+        ``fn(tree, *args, **kwargs)``, which returns the model's output.
+        It raises ``ValueError`` naming keys the model does not have or
+        parameters the tree lacks, and ``KeyError`` naming missing adapter
+        leaves.
+
+    Raises:
+        ValueError: if the method does not fit the model, for example LoRA
+            on a transformers ``Conv1D`` without ``fan_in_fan_out``.
     """
     base_spec = spec_of(model)
+    if method is not None:
+        method.check_model(model)
     bind = method.bind_forward(base_spec) if method is not None else (lambda tree: {})
     adapter_keys = frozenset(method.adapter_keys(base_spec)) if method is not None else frozenset()
     tied = _tied_names(model)
     parameter_names = frozenset(name for name, _ in model.named_parameters(remove_duplicate=False))
+    module_buffers = dict(model.named_buffers(remove_duplicate=False))
 
     def fn(tree: Mapping[str, Any] | Sequence[Mapping[str, Any]], *args: Any, **kwargs: Any) -> Any:
         full = _as_tree(tree)
-        adapters = bind(full)
         params = {k: v for k, v in full.items() if k not in adapter_keys}
         _check_keys(params, tied, parameter_names)
+
+        # Copy every buffer so that in-place updates reach neither the tree nor the module.
+        for name, buffer in module_buffers.items():
+            if not any(alias in params for alias in tied[name]):
+                params[name] = buffer
+        for name in module_buffers:
+            if name in params:
+                params[name] = params[name].clone()
 
         # Fill the other names of tied weights before the targeted name gets its
         # view, so untargeted aliases see the plain base tensor.
         for key in list(params):
             for alias in tied.get(key, ()):
                 params.setdefault(alias, params[key])
+        adapters = bind({**full, **params})
 
         entries = []
         for weight_key, chain in adapters.items():

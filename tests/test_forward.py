@@ -349,3 +349,27 @@ def test_compile_fullgraph_on_mlp(mlp):
     torch.testing.assert_close(compiled_out, eager_out)
     for key in trainable:
         torch.testing.assert_close(compiled_grads[key], eager_grads[key])
+
+
+def test_buffers_updated_in_place_stay_untouched():
+    model = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3)).train()
+    method = lora(["0"])
+    tree = method.inject(state_of(model))
+    module_stats = model[1].running_mean.clone()
+    tree_stats = tree["1.running_mean"].clone()
+
+    functional_forward(model, method)(tree, torch.randn(8, 3))
+    functional_forward(model)({k: v for k, v in state_of(model).items() if k != "1.running_mean"}, torch.randn(8, 3))
+
+    assert torch.equal(model[1].running_mean, module_stats)
+    assert torch.equal(tree["1.running_mean"], tree_stats)
+
+
+def test_conv1d_without_fan_in_fan_out_is_rejected():
+    transformers = pytest.importorskip("transformers")
+    model = transformers.pytorch_utils.Conv1D(6, 4)
+
+    with pytest.raises(ValueError, match="Conv1D.*fan_in_fan_out=True"):
+        functional_forward(model, lora(r".*"))
+    with pytest.raises(ValueError, match="nn.Linear.*fan_in_fan_out=False"):
+        functional_forward(nn.Linear(4, 6), lora(r".*", fan_in_fan_out=True))

@@ -341,3 +341,10 @@ def test_fan_in_fan_out_uses_transposed_layout():
     x = torch.randn(4, 5)
     expected = x @ tree["c_attn.weight"] + (x @ injected["c_attn.lora_A"].T) @ injected["c_attn.lora_B"].T
     torch.testing.assert_close(x @ merged["c_attn.weight"], expected)
+
+
+def test_rank_pattern_key_that_matches_no_target_is_named():
+    method = peft_method_from_config(LoRAConfig(module_name_pattern=["q"], rank_pattern={"dwn": 2}))
+
+    with pytest.raises(ValueError, match="rank_pattern key 'dwn'"):
+        method.inject({"q.weight": torch.zeros(2, 2)})

@@ -9,15 +9,16 @@ from collections.abc import Sequence
 from ..methods.config import ModulePattern
 
 
-def match_modules(pattern: ModulePattern, paths: Sequence[str], *, method: str) -> list[str]:
+def match_modules(pattern: ModulePattern, paths: Sequence[str], *, method: str, quiet: bool = False) -> list[str]:
     """Return the paths that ``pattern`` matches, in the order of ``paths``.
 
     A string is fullmatched against the whole path. Each entry of a list is
     fullmatched against the path and against every dot-separated suffix of it.
 
     Raises:
-        ValueError: if the string, or any list entry, matches none of ``paths``.
-            The message names the entry and lists paths that do exist.
+        ValueError: if the string, or any list entry, matches none of ``paths``
+            (unless ``quiet``, which returns what matched instead). The
+            message names the entry and lists paths that do exist.
     """
     entries = [pattern] if isinstance(pattern, str) else list(pattern)
     compiled = [re.compile(entry) for entry in entries]
@@ -36,7 +37,7 @@ def match_modules(pattern: ModulePattern, paths: Sequence[str], *, method: str) 
             matched.append(path)
 
     unmatched = [entries[i] for i, count in enumerate(hits) if count == 0]
-    if unmatched:
+    if unmatched and not quiet:
         raise ValueError(_no_match_message(unmatched, paths, method=method, whole_path_only=whole_path_only))
     return matched
 
@@ -50,7 +51,14 @@ def _no_match_message(unmatched: list[str], paths: Sequence[str], *, method: str
     names = ", ".join(repr(u) for u in unmatched)
     shown = [p for p in paths if p][:6]
     message = f"{method} pattern {names} matches no module."
-    close = _close_matches(unmatched, paths)
+    suffix_hits = [p for p in paths if whole_path_only and any(re.fullmatch(u, s) for u in unmatched for s in _suffixes(p)[1:])]
+    close = [] if suffix_hits else _close_matches(unmatched, paths)
+    if suffix_hits:
+        message += (
+            f" It matches the end of {suffix_hits[0]!r}, but a string pattern must fullmatch the whole path: "
+            f"use a list such as [{unmatched[0]!r}], which also matches dot-separated suffixes, or r'.*\\.{unmatched[0]}'."
+        )
+        return message
     if close:
         message += f" Did you mean {', '.join(repr(c) for c in close)}?"
     if shown:
@@ -69,6 +77,7 @@ def _close_matches(unmatched: list[str], paths: Sequence[str]) -> list[str]:
     close: list[str] = []
     for entry in unmatched:
         for candidate in difflib.get_close_matches(entry, last_parts, n=2, cutoff=0.6):
-            if candidate not in close:
+            # A string pattern can fail on a name that exists as a suffix; suggesting it back would confuse.
+            if candidate not in close and candidate != entry:
                 close.append(candidate)
     return close

@@ -109,6 +109,9 @@ class PeftMethod(abc.ABC):
         ``torch.compile``, ``vmap`` and ``grad``.
         """
 
+    def check_model(self, model: torch.nn.Module) -> None:
+        """Raise ``ValueError`` if the config does not fit the model's modules; the default checks nothing."""
+
     def weight_adapters(self, tree: Mapping[str, Any]) -> dict[str, list[WeightAdapter]]:
         """Return, for each base weight key the method changes, how to change it in the forward."""
         return self.bind_forward(tree)(tree)

@@ -109,6 +109,13 @@ class LoRA(PeftMethod):
         """
         candidates = [m for m in module_paths(tree) if _weight_key(m) in tree]
         matched = match_modules(self.config.module_name_pattern, candidates, method="LoRA")
+        for field in ("rank_pattern", "alpha_pattern"):
+            for key in getattr(self.config, field):
+                if not match_modules([key], matched, method=f"LoRA {field}", quiet=True):
+                    raise ValueError(
+                        f"LoRA {field} key {key!r} matches none of the targeted modules "
+                        f"({', '.join(matched[:4])}{', ...' if len(matched) > 4 else ''}); fix or remove it."
+                    )
         for module in matched:
             weight = TensorSpec.of(tree[_weight_key(module)])
             if weight.ndim != 2 or not weight.dtype.is_floating_point:
@@ -118,6 +125,25 @@ class LoRA(PeftMethod):
                     "Narrow module_name_pattern so that it leaves this module out."
                 )
         return matched
+
+    def check_model(self, model: torch.nn.Module) -> None:
+        from ..tree import spec_of
+
+        fan_in_fan_out = self.config.params.fan_in_fan_out
+        for module in self.targets(spec_of(model)):
+            layer = model.get_submodule(module)
+            # transformers' Conv1D stores its weight (in, out); it is recognised by name to avoid importing transformers.
+            is_conv1d = type(layer).__name__ == "Conv1D" and hasattr(layer, "nf")
+            if is_conv1d and not fan_in_fan_out:
+                raise ValueError(
+                    f"LoRA target {module!r} is a Conv1D, whose weight is stored as (in, out), but the config has "
+                    "fan_in_fan_out=False. Set LoRAParameters(fan_in_fan_out=True) for these modules."
+                )
+            if isinstance(layer, torch.nn.Linear) and fan_in_fan_out:
+                raise ValueError(
+                    f"LoRA target {module!r} is an nn.Linear, whose weight is stored as (out, in), but the config has "
+                    "fan_in_fan_out=True. Set LoRAParameters(fan_in_fan_out=False) for these modules."
+                )
 
     def adapter_keys(self, tree: Mapping[str, Any]) -> set[str]:
         keys: set[str] = set()

@@ -69,6 +69,10 @@ class PeftStack(PeftMethod):
             tree = method.unmerge(tree, select(adapter, own_keys))
         return tree
 
+    def check_model(self, model: torch.nn.Module) -> None:
+        for method in self.methods:
+            method.check_model(model)
+
     def merge_map(self) -> StateMap:
         return compose(*(method.merge_map() for method in reversed(self.methods)))
 
