@@ -1,25 +1,228 @@
-"""The ``ftpeft`` command."""
+"""The ``ftpeft`` command: demo, merge, inspect and convert."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
+import shutil
 import sys
+from pathlib import Path
+
+import torch
+
+__all__ = ["main"]
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+class UserError(Exception):
+    """A mistake in the command's input, reported as one line without a traceback."""
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the ``ftpeft`` command and return its exit status."""
     args = sys.argv[1:] if argv is None else list(argv)
-    parser = argparse.ArgumentParser(prog="ftpeft", description="Parameter-efficient fine-tuning as pure functions over parameter trees.")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    commands.add_parser("demo", help="fine-tune a bundled sentence encoder with LoRA end to end", add_help=False)
-
     if args and args[0] == "demo":
         from .demo import main as demo_main
 
         return demo_main(args[1:])
-    parser.parse_args(args)
-    parser.print_help()
-    return 2
+
+    parser = _parser()
+    options = parser.parse_args(args)
+    if options.command is None:
+        parser.print_help()
+        return 2
+    try:
+        options.run(options)
+    except BrokenPipeError:
+        # The reader of our output (such as `head`) went away; that is not an error.
+        sys.stderr.close()
+        return 0
+    except UserError as error:
+        print(f"ftpeft {options.command}: error: {error}", file=sys.stderr)
+        return 1
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, ValueError, KeyError) as error:
+        message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
+        print(f"ftpeft {options.command}: error: {message}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ftpeft", description="Parameter-efficient fine-tuning as pure functions over parameter trees.")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.add_parser("demo", help="fine-tune the bundled MiniLM sentence encoder with LoRA end to end (ftpeft demo --help)")
+
+    merge = commands.add_parser(
+        "merge",
+        help="merge an adapter into a sharded Hugging Face checkpoint, shard by shard",
+        description="Merge a PEFT or ftpeft adapter into a Hugging Face checkpoint directory and write the result "
+        "as sharded safetensors with an index, holding about one shard in memory. Config and tokenizer files are copied.",
+    )
+    merge.add_argument("base", type=Path, metavar="BASE_DIR", help="checkpoint directory (config.json and safetensors)")
+    merge.add_argument("adapter", type=Path, metavar="ADAPTER_DIR", help="PEFT (adapter_config.json) or ftpeft (ftpeft_config.json) adapter folder")
+    merge.add_argument("out", type=Path, metavar="OUT_DIR", help="output directory; created if missing")
+    merge.add_argument("--dtype", choices=sorted(_DTYPES), help="cast floating-point tensors of the output to this dtype")
+    merge.add_argument("--shard-size", default=None, help="largest output shard, e.g. 2GB (default: the largest input shard)")
+    merge.add_argument(
+        "--rename-prefix",
+        action="append",
+        default=[],
+        metavar="OLD=NEW",
+        help="rename a leading prefix of the adapter's module paths to match the base, e.g. model=language_model.model",
+    )
+    merge.set_defaults(run=_merge)
+
+    inspect = commands.add_parser("inspect", help="list a checkpoint's or adapter's tensors, and an adapter's targets")
+    inspect.add_argument("path", type=Path, metavar="PATH", help="a .safetensors file, checkpoint directory, or adapter folder")
+    inspect.set_defaults(run=_inspect)
+
+    convert = commands.add_parser("convert", help="convert an adapter between ftpeft's and PEFT's folder layouts")
+    convert.add_argument("source", type=Path, metavar="SOURCE_DIR", help="adapter folder, either layout")
+    convert.add_argument("target", type=Path, metavar="TARGET_DIR", help="output folder")
+    convert.add_argument("--to", choices=["peft", "ftpeft"], required=True, help="layout to write")
+    convert.set_defaults(run=_convert)
+    return parser
+
+
+def _key_map(rules: list[str]):
+    from .io import replace_prefix
+    from .maps import compose
+
+    maps = []
+    for rule in rules:
+        old, separator, new = rule.partition("=")
+        if not separator or not old or not new:
+            raise UserError(f"--rename-prefix {rule!r} is not of the form OLD=NEW, e.g. model=language_model.model.")
+        maps.append(replace_prefix(old, new))
+    return compose(*maps) if maps else None
+
+
+def _read_adapter(directory: Path, base=None, key_map=None):
+    from .io import is_ftpeft_adapter, load_adapter, load_hf_peft_adapter
+
+    if not directory.is_dir():
+        raise UserError(f"adapter folder {str(directory)!r} does not exist.")
+    if is_ftpeft_adapter(directory):
+        config, adapter = load_adapter(directory)
+        if key_map is not None:
+            adapter = key_map(adapter, passthrough=True)
+        return config, adapter
+    if (directory / "adapter_config.json").is_file():
+        return load_hf_peft_adapter(directory, base=base, key_map=key_map)
+    raise UserError(f"{str(directory)!r} holds neither adapter_config.json (PEFT) nor ftpeft_config.json (ftpeft).")
+
+
+def _merge(options: argparse.Namespace) -> None:
+    from .io import checkpoint_spec, iter_state, save_state
+    from .io._merge import AdapterMerge
+    from .methods import peft_method_from_config
+
+    if not options.base.is_dir():
+        raise UserError(f"base checkpoint directory {str(options.base)!r} does not exist.")
+    if options.out.resolve() == options.base.resolve():
+        raise UserError("OUT_DIR must differ from BASE_DIR, so that the base checkpoint is never overwritten.")
+    spec = checkpoint_spec(options.base)
+    config, adapter = _read_adapter(options.adapter, base=spec, key_map=_key_map(options.rename_prefix))
+    method = peft_method_from_config(config)
+    merge_map = AdapterMerge(method, adapter)
+    merge_map.plan(spec)  # binds every adapter leaf before anything is written
+
+    shard_size = options.shard_size or max(_input_shard_sizes(options.base), default=5 * 10**9)
+    dtype = _DTYPES[options.dtype] if options.dtype else None
+    stream = iter_state(options.base, merge_map, dtype=dtype, progress=True)
+    index = save_state(options.out, stream, shard_size=shard_size)
+    copied = _copy_side_files(options.base, options.out, options.dtype)
+
+    shards = len(set(json.loads(index.read_text())["weight_map"].values()))
+    print(f"merged {len(adapter)} adapter tensors into {len(spec)} base tensors")
+    print(f"wrote {shards} shard(s) and {index.name} to {options.out}")
+    if copied:
+        print(f"copied {', '.join(copied)}")
+
+
+def _input_shard_sizes(base: Path) -> list[int]:
+    return [path.stat().st_size for path in base.glob("*.safetensors")]
+
+
+def _copy_side_files(base: Path, out: Path, dtype_name: str | None) -> list[str]:
+    """Copy config, tokenizer and other non-weight files; record a new dtype in config.json."""
+    copied = []
+    for path in sorted(base.iterdir()):
+        if not path.is_file() or path.suffix in (".safetensors", ".bin", ".pt", ".pth") or path.name.endswith(".index.json"):
+            continue
+        target = out / path.name
+        if path.name == "config.json" and dtype_name:
+            data = json.loads(path.read_text())
+            for field in ("torch_dtype", "dtype"):
+                if field in data or field == "torch_dtype":
+                    data[field] = dtype_name
+            target.write_text(json.dumps(data, indent=2) + "\n")
+        else:
+            shutil.copy2(path, target)
+        copied.append(path.name)
+    return copied
+
+
+def _inspect(options: argparse.Namespace) -> None:
+    path: Path = options.path
+    if path.is_dir() and ((path / "adapter_config.json").is_file() or (path / "ftpeft_config.json").is_file()):
+        _inspect_adapter(path)
+        return
+    if not path.exists():
+        raise UserError(f"{str(path)!r} does not exist.")
+    from .io import checkpoint_spec
+    from .io._format import tensor_bytes
+
+    spec = checkpoint_spec(path)
+    width = max((len(key) for key in spec), default=3)
+    print(f"{'key':{width}}  {'shape':>20}  {'dtype':>9}  {'size':>10}")
+    for key, leaf in spec.items():
+        print(f"{key:{width}}  {str(tuple(leaf.shape)):>20}  {str(leaf.dtype).removeprefix('torch.'):>9}  {_size(tensor_bytes(leaf)):>10}")
+    values = sum(math.prod(leaf.shape) for leaf in spec.values())
+    total = sum(tensor_bytes(leaf) for leaf in spec.values())
+    print(f"{len(spec)} tensors, {values:,} values, {_size(total)}")
+
+
+def _inspect_adapter(path: Path) -> None:
+    from .methods import LoRAConfig
+
+    config, adapter = _read_adapter(path)
+    lora = config if isinstance(config, LoRAConfig) else next((m for m in getattr(config, "methods", []) if isinstance(m, LoRAConfig)), None)
+    layout = "ftpeft" if (path / "ftpeft_config.json").is_file() else "PEFT"
+    print(f"{layout} adapter: {config.kind}, {len(adapter)} tensors")
+    if lora is not None:
+        modules = sorted({key.rsplit(".", 1)[0] for key in adapter if key.endswith(".lora_A")})
+        width = max((len(m) for m in modules), default=6)
+        print(f"{'module':{width}}  {'rank':>4}  {'scale':>8}  {'lora_A':>12}  {'lora_B':>12}")
+        for module in modules:
+            shape_a, shape_b = tuple(adapter[f"{module}.lora_A"].shape), tuple(adapter[f"{module}.lora_B"].shape)
+            print(f"{module:{width}}  {lora.rank_of(module):>4}  {lora.scale_of(module):>8.4g}  {str(shape_a):>12}  {str(shape_b):>12}")
+        print(f"LoRA on {len(modules)} modules, r={lora.params.r}, alpha={lora.params.alpha:g}, rsLoRA={lora.params.use_rslora}")
+    others = sorted(key for key in adapter if not key.endswith((".lora_A", ".lora_B")))
+    if others:
+        print(f"fully trained tensors: {', '.join(others)}")
+
+
+def _convert(options: argparse.Namespace) -> None:
+    from .io import read_hf_peft_config, save_adapter, save_hf_peft_adapter
+
+    config, adapter = _read_adapter(options.source)
+    if options.to == "peft":
+        extra = read_hf_peft_config(options.source).extra if (options.source / "adapter_config.json").is_file() else None
+        save_hf_peft_adapter(options.target, config, adapter, extra=extra)
+    else:
+        save_adapter(options.target, config, adapter)
+    print(f"wrote {options.to} adapter with {len(adapter)} tensors to {options.target}")
+
+
+def _size(count: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if count < 1000 or unit == "GB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1000
+    return f"{count:.1f} TB"
 
 
 if __name__ == "__main__":

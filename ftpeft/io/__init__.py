@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ._format import CheckpointError
 from ._state import checkpoint_spec, iter_state, load_state, save_state
+from .adapter import is_ftpeft_adapter, load_adapter, save_adapter
 from .hf_peft import (
     FtpeftWarning,
     HFPeftKeys,
@@ -22,11 +23,14 @@ __all__ = [
     "RemoveSegment",
     "checkpoint_spec",
     "hf_peft_key_map",
+    "is_ftpeft_adapter",
     "iter_state",
+    "load_adapter",
     "load_hf_peft_adapter",
     "load_state",
     "read_hf_peft_config",
     "replace_prefix",
+    "save_adapter",
     "save_hf_peft_adapter",
     "save_state",
 ]

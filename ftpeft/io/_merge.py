@@ -1,0 +1,87 @@
+"""Merging an adapter held in memory into a base checkpoint streamed from disk."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from ..maps import Group, StateMap
+from ..methods import FullTune, LoRA, PeftMethod, PeftStack
+from ..methods.lora import add_delta
+from ..tree import TensorSpec
+
+__all__ = ["AdapterMerge"]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class AdapterMerge(StateMap):
+    """Merge an in-memory adapter into base weights as they stream past.
+
+    Reads every base key. Each LoRA-targeted weight becomes ``W + dW``;
+    each FullTune leaf the adapter holds replaces the base value; every
+    other key passes unchanged. The adapter itself is not part of the tree,
+    so a loader never has to hold more than one base group.
+    """
+
+    method: PeftMethod
+    adapter: Mapping[str, torch.Tensor]
+    exact = False
+
+    def reads(self, spec):
+        return set(spec)
+
+    def _plan(self, spec: Mapping[str, TensorSpec]) -> list[Group]:
+        # FullTune values replace base leaves first; LoRA updates then apply to the trained values.
+        changes: dict[str, list[Any]] = {}
+        members = _members(self.method)
+        for method in members:
+            if isinstance(method, FullTune):
+                for key in method.trainable_keys(spec):
+                    if key in self.adapter:
+                        changes.setdefault(key, []).append(_replace(self.adapter[key]))
+        for method in members:
+            if isinstance(method, LoRA):
+                for module in method.targets(spec):
+                    weight_key = f"{module}.weight" if module else "weight"
+                    lora_a, lora_b = method._adapter_pair(self.adapter, module, spec[weight_key])
+                    changes.setdefault(weight_key, []).append(_shear(method, module, lora_a, lora_b))
+        return [Group((key,), (key,), _chain(changes.get(key, []))) for key in spec]
+
+    def inverse(self) -> StateMap:
+        raise ValueError("AdapterMerge has no inverse here; load the merged checkpoint and use method.unmerge with the adapter.")
+
+
+def _chain(steps: list[Any]):
+    def fn(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        for step in steps:
+            tensors = step(tensors)
+        return dict(tensors)
+
+    return fn
+
+
+def _members(method: PeftMethod) -> list[PeftMethod]:
+    if isinstance(method, PeftStack):
+        return [leaf for member in method.methods for leaf in _members(member)]
+    return [method]
+
+
+def _shear(method: LoRA, module: str, lora_a: torch.Tensor, lora_b: torch.Tensor):
+    def fn(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        ((key, weight),) = tensors.items()
+        if weight.device.type == "meta":
+            return {key: weight}
+        return {key: add_delta(weight, method._delta(module, lora_a, lora_b, weight.dtype))}
+
+    return fn
+
+
+def _replace(value: torch.Tensor):
+    def fn(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        ((key, old),) = tensors.items()
+        return {key: value.to(old.dtype) if old.device.type != "meta" else old}
+
+    return fn
