@@ -241,3 +241,27 @@ def test_save_through_map_drops_adapters(tmp_path):
 def test_save_rejects_repeated_key(tmp_path):
     with pytest.raises(ValueError, match="'a' twice"):
         save_state(tmp_path, [{"a": torch.zeros(1)}, {"a": torch.ones(1)}])
+
+
+def test_streamed_save_writes_tensors_as_they_arrive(tmp_path):
+    source = {f"w{i}": torch.randn(10, 10) for i in range(5)}
+    save_state(tmp_path / "source", source, shard_size=1000)
+    stream = iter_state(tmp_path / "source", dtype=torch.float64)
+
+    assert list(stream.spec) == list(source)
+    assert stream.spec["w0"].dtype == torch.float64
+    save_state(tmp_path / "out", stream, shard_size=1000)
+
+    loaded = load_state(tmp_path / "out")
+    assert_same(loaded, {k: v.double() for k, v in source.items()})
+    assert len(set(json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())["weight_map"].values())) == 5
+
+
+def test_stream_that_breaks_its_spec_leaves_nothing(tmp_path):
+    from ftpeft.io._state import StateStream
+
+    stream = StateStream({"a": TensorSpec((2,), torch.float32)}, iter([{"a": torch.zeros(3)}]))
+
+    with pytest.raises(ValueError, match="expected 'a' \\(2,\\)"):
+        save_state(tmp_path, stream)
+    assert os.listdir(tmp_path) == []

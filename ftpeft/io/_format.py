@@ -21,7 +21,7 @@ import torch
 
 from ..tree import TensorSpec
 
-__all__ = ["DTYPES", "Header", "TensorEntry", "read_header", "read_tensor", "write_file", "tensor_bytes"]
+__all__ = ["DTYPES", "Header", "ShardWriter", "TensorEntry", "read_header", "read_tensor", "write_file", "tensor_bytes"]
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -144,32 +144,76 @@ def tensor_bytes(spec: TensorSpec) -> int:
     return _numel(spec.shape) * _itemsize(spec.dtype)
 
 
-def write_file(file: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> None:
-    """Write tensors to one safetensors file, one tensor at a time.
+class ShardWriter:
+    """Write one safetensors file whose tensors are known in advance, one tensor at a time.
 
-    The header is padded with spaces to a multiple of 8 bytes, as the
-    safetensors library does, so every tensor starts aligned.
+    The header is written first from the specs, so each tensor can be written
+    as soon as it exists and dropped right after; tensors must arrive in the
+    order of ``specs``. The header is padded with spaces to a multiple of 8
+    bytes, as the safetensors library does, so every tensor starts aligned.
     """
-    header: dict[str, object] = {}
-    if metadata:
-        header["__metadata__"] = dict(metadata)
-    offset = 0
-    for name, tensor in tensors.items():
-        if tensor.dtype not in _NAMES:
-            raise TypeError(f"Tensor {name!r} has dtype {tensor.dtype}, which safetensors cannot store.")
-        size = tensor.numel() * tensor.element_size()
-        header[name] = {"dtype": _NAMES[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [offset, offset + size]}
-        offset += size
-    encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    encoded += b" " * (-len(encoded) % 8)
 
-    with open(file, "wb") as handle:
-        handle.write(struct.pack("<Q", len(encoded)))
-        handle.write(encoded)
-        for tensor in tensors.values():
-            _write_tensor(handle, tensor)
-        handle.flush()
-        os.fsync(handle.fileno())
+    def __init__(self, file: str | os.PathLike, specs: Mapping[str, TensorSpec], metadata: Mapping[str, str] | None = None):
+        header: dict[str, object] = {}
+        if metadata:
+            header["__metadata__"] = dict(metadata)
+        offset = 0
+        for name, spec in specs.items():
+            if spec.dtype not in _NAMES:
+                raise TypeError(f"Tensor {name!r} has dtype {spec.dtype}, which safetensors cannot store.")
+            size = tensor_bytes(spec)
+            header[name] = {"dtype": _NAMES[spec.dtype], "shape": list(spec.shape), "data_offsets": [offset, offset + size]}
+            offset += size
+        encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
+        encoded += b" " * (-len(encoded) % 8)
+
+        self.file = Path(file)
+        self._pending = list(specs.items())
+        self._handle = open(self.file, "wb")  # noqa: SIM115 - closed in close()
+        self._handle.write(struct.pack("<Q", len(encoded)))
+        self._handle.write(encoded)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Write the next tensor; its name, shape and dtype must be the next of the specs."""
+        if not self._pending:
+            raise ValueError(f"{str(self.file)!r}: tensor {name!r} arrived after every planned tensor was written.")
+        expected_name, spec = self._pending[0]
+        if name != expected_name or tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
+            raise ValueError(
+                f"{str(self.file)!r}: expected {expected_name!r} {spec.shape} {spec.dtype} next, got {name!r} "
+                f"{tuple(tensor.shape)} {tensor.dtype}. The stream yielded tensors other than it planned."
+            )
+        self._pending.pop(0)
+        _write_tensor(self._handle, tensor)
+
+    @property
+    def done(self) -> bool:
+        return not self._pending
+
+    def close(self) -> None:
+        """Flush and close the file; raise if a planned tensor was never written."""
+        if self._pending:
+            self.abort()
+            raise ValueError(f"{str(self.file)!r}: {len(self._pending)} planned tensor(s) were never written, first {self._pending[0][0]!r}.")
+        self._handle.flush()
+        os.fsync(self._handle.fileno())
+        self._handle.close()
+
+    def abort(self) -> None:
+        """Close the file without checks, after an error; the caller removes it."""
+        self._handle.close()
+
+
+def write_file(file: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> None:
+    """Write tensors to one safetensors file."""
+    writer = ShardWriter(file, {name: TensorSpec.of(tensor) for name, tensor in tensors.items()}, metadata)
+    try:
+        for name, tensor in tensors.items():
+            writer.write(name, tensor)
+    except BaseException:
+        writer.abort()
+        raise
+    writer.close()
 
 
 def _write_tensor(handle, tensor: torch.Tensor) -> None:

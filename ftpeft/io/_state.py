@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import uuid
@@ -15,7 +16,7 @@ import torch
 from ..maps import Plan, StateMap, identity
 from ..maps._core import run_group
 from ..tree import TensorSpec, Tree, combine
-from ._format import CheckpointError, TensorEntry, read_header, read_tensor, tensor_bytes, write_file
+from ._format import CheckpointError, ShardWriter, TensorEntry, read_header, read_tensor, tensor_bytes, write_file
 
 __all__ = ["CheckpointError", "atomic_write_file", "atomic_write_text", "checkpoint_spec", "iter_state", "load_state", "save_state"]
 
@@ -94,6 +95,25 @@ def checkpoint_spec(path: str | os.PathLike) -> dict[str, TensorSpec]:
     return {key: entry.spec for key, entry in _checkpoint_entries(path).items()}
 
 
+class StateStream:
+    """An iterator of trees that states up front every key, shape and dtype it will yield, in order.
+
+    :func:`save_state` uses ``spec`` to write each shard's header first and
+    then each tensor as it arrives, so nothing waits in memory for a shard
+    to fill.
+    """
+
+    def __init__(self, spec: Mapping[str, TensorSpec], trees: Iterator[Tree]):
+        self.spec = dict(spec)
+        self._trees = trees
+
+    def __iter__(self) -> Iterator[Tree]:
+        return self
+
+    def __next__(self) -> Tree:
+        return next(self._trees)
+
+
 def iter_state(
     path: str | os.PathLike,
     map: StateMap | None = None,
@@ -102,14 +122,14 @@ def iter_state(
     dtype: torch.dtype | None = None,
     passthrough: bool = False,
     progress: bool = False,
-) -> Iterator[Tree]:
+) -> StateStream:
     """Yield a checkpoint group by group, through a map, holding one group at a time.
 
     Each yielded tree holds one dependency group's outputs. The group's
     inputs are read from the files that hold them, converted, and dropped
-    before the next group is read, so piping this into :func:`save_state`
-    converts a checkpoint in memory bounded by the largest group and one
-    output shard.
+    before the next group is read. The returned stream knows its output
+    spec up front, so piping it into :func:`save_state` converts a
+    checkpoint in memory bounded by the largest group.
 
     Args:
         path: a ``.safetensors`` file, or a directory with
@@ -122,7 +142,13 @@ def iter_state(
     """
     entries = _checkpoint_entries(path)
     plan = (map or identity).plan({key: entry.spec for key, entry in entries.items()}, passthrough=passthrough)
-    yield from _run_plan(plan, entries, device=device, dtype=dtype, progress=progress)
+    spec = {}
+    for key in plan.outputs:
+        leaf = plan.output_spec[key]
+        if dtype is not None and leaf.dtype.is_floating_point:
+            leaf = dataclasses.replace(leaf, dtype=dtype)
+        spec[key] = leaf
+    return StateStream(spec, _run_plan(plan, entries, device=device, dtype=dtype, progress=progress))
 
 
 def _run_plan(plan: Plan, entries: Mapping[str, TensorEntry], *, device, dtype, progress: bool) -> Iterator[Tree]:
@@ -273,31 +299,12 @@ def save_state(
     token = uuid.uuid4().hex[:12]
     written: list[tuple[Path, list[str]]] = []
     weight_sizes: dict[str, int] = {}
-    buffer: dict[str, torch.Tensor] = {}
-    buffered = 0
-
-    def flush() -> None:
-        nonlocal buffer, buffered
-        if not buffer:
-            return
-        temporary = directory / f".ftpeft-{token}-{len(written):05d}.safetensors.tmp"
-        write_file(temporary, buffer, header_metadata)
-        written.append((temporary, list(buffer)))
-        buffer, buffered = {}, 0
-
+    source = _as_stream(tree_or_iterable, map, passthrough=passthrough, progress=progress)
     try:
-        for tree in _trees(tree_or_iterable, map, passthrough=passthrough, progress=progress):
-            for key, tensor in tree.items():
-                if key in weight_sizes:
-                    raise ValueError(f"save_state received key {key!r} twice; each key must be written once.")
-                size = tensor_bytes(TensorSpec.of(tensor))
-                if buffer and buffered + size > limit:
-                    flush()
-                buffer[key] = tensor
-                buffered += size
-                weight_sizes[key] = size
-            tree = tensor = None  # release this tree before the next one is produced
-        flush()
+        if isinstance(source, StateStream):
+            _write_streamed(source, directory, token, limit, header_metadata, written, weight_sizes)
+        else:
+            _write_buffered(source, directory, token, limit, header_metadata, written, weight_sizes)
 
         count = len(written)
         weight_map: dict[str, str] = {}
@@ -326,21 +333,101 @@ def save_state(
     return index_path
 
 
-def _trees(source, map: StateMap | None, *, passthrough: bool, progress: bool) -> Iterator[Mapping[str, torch.Tensor]]:
-    if isinstance(source, Mapping):
-        if map is None:
-            yield source
-            return
-        plan = map.plan(source, passthrough=passthrough)
-        groups = plan.groups
-        if progress:
-            from tqdm.auto import tqdm
+def _shard_path(directory: Path, token: str, number: int) -> Path:
+    return directory / f".ftpeft-{token}-{number:05d}.safetensors.tmp"
 
-            groups = tqdm(groups, desc="groups", unit="group")
-        for group in groups:
-            if group.outputs:
-                yield run_group(group, {key: source[key] for key in group.inputs})
-        return
+
+def _write_streamed(stream: StateStream, directory: Path, token: str, limit: int, metadata, written, weight_sizes) -> None:
+    """Write shards whose contents the stream's spec fixes in advance, each tensor as it arrives."""
+    shards: list[dict[str, TensorSpec]] = []
+    filled = 0
+    for key, spec in stream.spec.items():
+        size = tensor_bytes(spec)
+        if not shards or (shards[-1] and filled + size > limit):
+            shards.append({})
+            filled = 0
+        shards[-1][key] = spec
+        filled += size
+        weight_sizes[key] = size
+
+    shard_index = 0
+    writer: ShardWriter | None = None
+    try:
+        for tree in stream:
+            for key, tensor in tree.items():
+                while writer is None or writer.done:
+                    if writer is not None:
+                        writer.close()
+                    if shard_index >= len(shards):
+                        raise ValueError(f"save_state received {key!r}, which the stream's spec does not list.")
+                    temporary = _shard_path(directory, token, shard_index)
+                    written.append((temporary, list(shards[shard_index])))
+                    writer = ShardWriter(temporary, shards[shard_index], metadata)
+                    shard_index += 1
+                writer.write(key, tensor)
+            tree = tensor = None  # release this group before the next one is produced
+        if writer is not None:
+            writer.close()
+            writer = None
+        if shard_index != len(shards):
+            raise ValueError(f"The stream ended before every planned tensor arrived; shard {shard_index + 1} of {len(shards)} is missing.")
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+
+
+def _write_buffered(trees, directory: Path, token: str, limit: int, metadata, written, weight_sizes) -> None:
+    """Write trees whose keys are not known in advance, buffering up to one shard."""
+    buffer: dict[str, torch.Tensor] = {}
+    buffered = 0
+
+    def flush() -> None:
+        nonlocal buffer, buffered
+        if not buffer:
+            return
+        temporary = _shard_path(directory, token, len(written))
+        written.append((temporary, list(buffer)))
+        write_file(temporary, buffer, metadata)
+        buffer, buffered = {}, 0
+
+    for tree in trees:
+        for key, tensor in tree.items():
+            if key in weight_sizes:
+                raise ValueError(f"save_state received key {key!r} twice; each key must be written once.")
+            size = tensor_bytes(TensorSpec.of(tensor))
+            if buffer and buffered + size > limit:
+                flush()
+            buffer[key] = tensor
+            buffered += size
+            weight_sizes[key] = size
+        tree = tensor = None  # release this tree before the next one is produced
+    flush()
+
+
+def _as_stream(source, map: StateMap | None, *, passthrough: bool, progress: bool):
+    """Return a StateStream when the keys are known in advance, else an iterator of trees."""
+    if isinstance(source, StateStream) and map is None:
+        return source
+    if isinstance(source, Mapping):
+        plan = (map or identity).plan(source, passthrough=passthrough)
+        spec = {key: plan.output_spec[key] for key in plan.outputs}
+        return StateStream(spec, _run_groups(plan, source, progress=progress))
+    return _trees(source, map, passthrough=passthrough)
+
+
+def _run_groups(plan: Plan, source: Mapping[str, torch.Tensor], *, progress: bool) -> Iterator[Tree]:
+    groups = plan.groups
+    if progress:
+        from tqdm.auto import tqdm
+
+        groups = tqdm(groups, desc="groups", unit="group")
+    for group in groups:
+        if group.outputs:
+            yield run_group(group, {key: source[key] for key in group.inputs})
+
+
+def _trees(source, map: StateMap | None, *, passthrough: bool) -> Iterator[Mapping[str, torch.Tensor]]:
     for tree in source:
         if not isinstance(tree, Mapping):
             raise TypeError(f"save_state expects a tree or an iterable of trees, but the iterable yielded {type(tree).__name__}.")
