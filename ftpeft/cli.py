@@ -111,7 +111,7 @@ def _read_adapter(directory: Path, base=None, key_map=None):
         return config, adapter
     if (directory / "adapter_config.json").is_file():
         return load_hf_peft_adapter(directory, base=base, key_map=key_map)
-    raise UserError(f"{str(directory)!r} holds neither adapter_config.json (PEFT) nor ftpeft_config.json (ftpeft).")
+    raise UserError(f"{str(directory)!r} contains neither adapter_config.json (PEFT) nor ftpeft_config.json (ftpeft).")
 
 
 def _merge(options: argparse.Namespace) -> None:

@@ -263,7 +263,7 @@ def _check_keys(params: Mapping[str, Any], tied: Mapping[str, tuple[str, ...]], 
     unknown = sorted(k for k in params if k not in tied)
     if unknown:
         raise ValueError(
-            f"The tree holds key(s) {', '.join(repr(k) for k in unknown[:5])} that the model has no parameter or "
+            f"The tree contains key(s) {', '.join(repr(k) for k in unknown[:5])} that the model has no parameter or "
             "buffer for, and the method does not own. Check the key names (a prefix such as 'model.' or "
             "'_orig_mod.'), or pass the method that created these leaves."
         )

@@ -153,7 +153,7 @@ def test_inject_twice_is_rejected():
     method = lora(["lin"])
     injected = method.inject({"lin.weight": torch.randn(2, 2)})
 
-    with pytest.raises(ValueError, match="already holds LoRA leaves"):
+    with pytest.raises(ValueError, match="already contains LoRA leaves"):
         method.inject(injected)
 
 

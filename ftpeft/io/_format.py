@@ -52,7 +52,7 @@ class CheckpointError(ValueError):
 
 @dataclass(frozen=True)
 class TensorEntry:
-    """Where one tensor's bytes sit in a file."""
+    """The location of one tensor's bytes in a file."""
 
     file: Path
     spec: TensorSpec
@@ -148,7 +148,7 @@ class ShardWriter:
     """Write one safetensors file whose tensors are known in advance, one tensor at a time.
 
     The header is written first from the specs, so each tensor can be written
-    as soon as it exists and dropped right after; tensors must arrive in the
+    as soon as it exists and dropped right after. Tensors must arrive in the
     order of ``specs``. The header is padded with spaces to a multiple of 8
     bytes, as the safetensors library does, so every tensor starts aligned.
     """

@@ -21,7 +21,7 @@ class AdapterMerge(StateMap):
     """Merge an in-memory adapter into base weights as they stream past.
 
     Reads every base key. Each LoRA-targeted weight becomes ``W + dW``;
-    each FullTune leaf the adapter holds replaces the base value; every
+    each FullTune leaf the adapter contains replaces the base value; every
     other key passes unchanged. The adapter itself is not part of the tree,
     so a loader never has to hold more than one base group.
     """

@@ -86,7 +86,7 @@ def _checkpoint_entries(path: str | os.PathLike) -> dict[str, TensorEntry]:
     if single.is_file():
         return dict(read_header(single).entries)
     raise FileNotFoundError(
-        f"{str(path)!r} holds neither {INDEX_NAME} nor {SINGLE_NAME}; point at a checkpoint directory or a .safetensors file."
+        f"{str(path)!r} contains neither {INDEX_NAME} nor {SINGLE_NAME}; point at a checkpoint directory or a .safetensors file."
     )
 
 
@@ -123,9 +123,9 @@ def iter_state(
     passthrough: bool = False,
     progress: bool = False,
 ) -> StateStream:
-    """Yield a checkpoint group by group, through a map, holding one group at a time.
+    """Yield a checkpoint group by group, through a map, keeping one group in memory at a time.
 
-    Each yielded tree holds one dependency group's outputs. The group's
+    Each yielded tree contains one dependency group's outputs. The group's
     inputs are read from the files that hold them, converted, and dropped
     before the next group is read. The returned stream knows its output
     spec up front, so piping it into :func:`save_state` converts a
@@ -223,7 +223,7 @@ def _check_against(tree: Mapping[str, torch.Tensor], spec: Mapping[str, TensorSp
     unexpected = [key for key in tree if key not in spec]
     if unexpected:
         raise ValueError(
-            f"Checkpoint {str(path)!r} holds key(s) {', '.join(repr(k) for k in unexpected[:5])} that the spec does not "
+            f"Checkpoint {str(path)!r} contains key(s) {', '.join(repr(k) for k in unexpected[:5])} that the spec does not "
             "have. Map the keys (for example StripPrefix('model')) or pass passthrough only for keys the model has."
         )
     for key, value in tree.items():

@@ -30,7 +30,7 @@ def save_adapter(directory: str | os.PathLike, config, adapter: Mapping[str, tor
 
 
 def is_ftpeft_adapter(directory: str | os.PathLike) -> bool:
-    """Return whether a folder holds an ftpeft adapter."""
+    """Return whether a folder contains an ftpeft adapter."""
     return (Path(directory) / ADAPTER_CONFIG_NAME).is_file()
 
 
@@ -44,7 +44,7 @@ def load_adapter(directory: str | os.PathLike):
     directory = Path(directory)
     config_file = directory / ADAPTER_CONFIG_NAME
     if not config_file.is_file():
-        raise FileNotFoundError(f"{str(config_file)!r} does not exist; an ftpeft adapter folder holds {ADAPTER_CONFIG_NAME} and {ADAPTER_WEIGHTS_NAME}.")
+        raise FileNotFoundError(f"{str(config_file)!r} does not exist; an ftpeft adapter folder contains {ADAPTER_CONFIG_NAME} and {ADAPTER_WEIGHTS_NAME}.")
     config = config_from_json(config_file.read_text())
     header = read_header(directory / ADAPTER_WEIGHTS_NAME)
     with open(header.file, "rb") as handle:

@@ -204,7 +204,7 @@ def read_hf_peft_config(directory: str | os.PathLike) -> HFPeftConfig:
     """
     path = Path(directory) / CONFIG_NAME
     if not path.is_file():
-        raise FileNotFoundError(f"{str(path)!r} does not exist; a PEFT adapter folder holds {CONFIG_NAME} and {WEIGHTS_NAME}.")
+        raise FileNotFoundError(f"{str(path)!r} does not exist; a PEFT adapter folder contains {CONFIG_NAME} and {WEIGHTS_NAME}.")
     try:
         raw = json.loads(path.read_text())
     except json.JSONDecodeError as error:
@@ -276,7 +276,7 @@ def _read_weights(directory: Path) -> Tree:
             return dict(torch.load(legacy, map_location="cpu", weights_only=True))
         except Exception as error:  # torch raises many types for a corrupt pickle
             raise CheckpointError(f"{str(legacy)!r} could not be read ({error}).") from None
-    raise FileNotFoundError(f"{str(directory)!r} holds neither {WEIGHTS_NAME} nor {LEGACY_WEIGHTS_NAME}.")
+    raise FileNotFoundError(f"{str(directory)!r} contains neither {WEIGHTS_NAME} nor {LEGACY_WEIGHTS_NAME}.")
 
 
 def _cleanup_map(key_map: StateMap | None) -> StateMap:
@@ -320,7 +320,7 @@ def load_hf_peft_adapter(
     lora_modules = sorted({match.group(1) for key in adapter if (match := _LORA_IN_TREE.fullmatch(key))})
     saved_keys = [key for key in adapter if not _LORA_IN_TREE.fullmatch(key)]
     if not lora_modules:
-        raise ValueError(f"{str(directory)!r} holds no LoRA tensors (keys such as 'base_model.model.<path>.lora_A.weight').")
+        raise ValueError(f"{str(directory)!r} contains no LoRA tensors (keys such as 'base_model.model.<path>.lora_A.weight').")
 
     lora = hf_config.lora
     if base is not None:
@@ -416,7 +416,7 @@ def save_hf_peft_adapter(
     saved_modules = sorted({module_path(key[len(_PREFIX):]) for key in on_disk if not _LORA_ON_DISK.fullmatch(key)})
     if saved_modules and not full_tunes:
         raise ValueError(
-            f"The adapter holds non-LoRA key(s) under {', '.join(saved_modules[:3])}, but the config has no FullTune "
+            f"The adapter contains non-LoRA key(s) under {', '.join(saved_modules[:3])}, but the config has no FullTune "
             "member to save them as modules_to_save."
         )
     data = _config_json(lora, saved_modules, extra or {}, key_map)
@@ -437,7 +437,7 @@ def _split_config(config: LoRAConfig | PeftStackConfig) -> tuple[LoRAConfig, lis
     others = [m for m in members if not isinstance(m, (LoRAConfig, FullTuneConfig))]
     if len(loras) != 1 or others:
         raise ValueError(
-            "A PEFT adapter folder holds one LoRA adapter plus optional modules_to_save; give a LoRAConfig or a stack "
+            "A PEFT adapter folder contains one LoRA adapter plus optional modules_to_save; give a LoRAConfig or a stack "
             "of exactly one LoRAConfig and FullTuneConfig members."
         )
     return loras[0], [m for m in members if isinstance(m, FullTuneConfig)]

@@ -117,7 +117,7 @@ class Reshape(_PerKey):
 
     def _check(self, key, spec):
         if spec.shape != self.from_shape:
-            raise ValueError(f"Reshape of {key!r} expects shape {self.from_shape}, but the tree holds {spec.shape}.")
+            raise ValueError(f"Reshape of {key!r} expects shape {self.from_shape}, but the tree contains {spec.shape}.")
 
     def _apply(self, value):
         return value.reshape(self.to_shape)
@@ -196,7 +196,7 @@ class Cast(_PerKey):
 
     def _check(self, key, spec):
         if self.from_dtype is not None and spec.dtype != self.from_dtype:
-            raise ValueError(f"Cast of {key!r} expects dtype {self.from_dtype}, but the tree holds {spec.dtype}.")
+            raise ValueError(f"Cast of {key!r} expects dtype {self.from_dtype}, but the tree contains {spec.dtype}.")
 
     def _apply(self, value):
         return value.to(self.dtype)

@@ -28,7 +28,7 @@ __all__ = [
 _PATTERN_HELP = (
     "Which modules the method targets. A string is a regular expression matched with "
     "`re.fullmatch` against each module path (for example `layers.0.self_attn.q_proj`). "
-    "A list holds several such expressions; each entry matches a module whose path, or a "
+    "A list contains several such expressions; each entry matches a module whose path, or a "
     "dot-separated suffix of that path, it fullmatches, so `q_proj` matches "
     "`layers.0.self_attn.q_proj`. Every string, and every list entry, must match at least "
     "one module."

@@ -65,7 +65,7 @@ class FullTune(PeftMethod):
     def unmerge(self, merged: Mapping[str, Any], adapter: Mapping[str, Any]) -> Tree:
         if adapter:
             raise ValueError(
-                f"FullTune has no adapter leaves, but the adapter holds {', '.join(sorted(adapter)[:5])}. "
+                f"FullTune has no adapter leaves, but the adapter contains {', '.join(sorted(adapter)[:5])}. "
                 "Its trained values live in the merged tree itself."
             )
         return dict(merged)

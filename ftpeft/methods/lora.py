@@ -163,7 +163,7 @@ class LoRA(PeftMethod):
         already = sorted(k for k in self.adapter_keys(params) if k in params)
         if already:
             raise ValueError(
-                f"The tree already holds LoRA leaves ({', '.join(already[:3])}, ...). inject takes the base "
+                f"The tree already contains LoRA leaves ({', '.join(already[:3])}, ...). inject takes the base "
                 "tree; to stack two LoRAs on one module use separate trees, or merge the first one before injecting."
             )
 
@@ -216,13 +216,13 @@ class LoRA(PeftMethod):
         extra = sorted(set(adapter) - adapter_keys)
         if extra:
             raise ValueError(
-                f"The adapter holds key(s) {', '.join(extra[:5])} that this LoRA config does not target; "
+                f"The adapter contains key(s) {', '.join(extra[:5])} that this LoRA config does not target; "
                 "pass the adapter leaves of this method only."
             )
         self._require(adapter, adapter_keys, "unmerge")
         clash = sorted(adapter_keys & merged.keys())
         if clash:
-            raise ValueError(f"The merged tree already holds adapter key(s) {', '.join(clash[:5])}; pass the output of merge.")
+            raise ValueError(f"The merged tree already contains adapter key(s) {', '.join(clash[:5])}; pass the output of merge.")
 
         restored: Tree = dict(merged)
         if not is_spec(merged):

@@ -34,7 +34,7 @@ class PeftStack(PeftMethod):
             if clash:
                 raise ValueError(
                     f"Stack member {index} ({method.config.kind}) would create key(s) {', '.join(clash[:4])} "
-                    "that the tree already holds, so two members adapt the same module the same way. "
+                    "that the tree already contains, so two members adapt the same module the same way. "
                     "Make the members' patterns disjoint."
                 )
             tree = method.inject(tree, generator=generator)
@@ -62,7 +62,7 @@ class PeftStack(PeftMethod):
         owned = self.adapter_keys(merged)
         extra = sorted(set(adapter) - owned)
         if extra:
-            raise ValueError(f"The adapter holds key(s) {', '.join(extra[:5])} that no stack member creates.")
+            raise ValueError(f"The adapter contains key(s) {', '.join(extra[:5])} that no stack member creates.")
         tree: Tree = dict(merged)
         for method in self.methods:
             own_keys = method.adapter_keys(tree) & set(adapter)
