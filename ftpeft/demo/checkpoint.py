@@ -21,6 +21,12 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
+try:
+    # huggingface_hub 1.x validates config fields and raises this, not ValueError.
+    from huggingface_hub.errors import StrictDataclassError as _ConfigValidationError
+except ImportError:
+    _ConfigValidationError = ValueError  # type: ignore[assignment,misc]
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -62,6 +68,10 @@ class ModelFamily:
     model_types: tuple[str, ...]
     #: Regex fullmatched against module paths of the base model (no task head).
     lora_pattern: str
+    #: Whether the targeted weights are stored (in, out), as transformers' Conv1D stores them.
+    fan_in_fan_out: bool = False
+    #: Extra keyword arguments for the model's constructor.
+    model_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     #: Extra keyword arguments for every forward call.
     forward_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -70,9 +80,11 @@ FAMILIES: tuple[ModelFamily, ...] = (
     ModelFamily(
         name="BERT",
         model_types=("bert",),
-        # Attention projections and both feed-forward layers of every encoder
-        # layer. The pooler's `dense` is left out because mean pooling never uses it.
+        # Attention projections and both feed-forward layers of every encoder layer.
         lora_pattern=r"encoder\.layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense|intermediate\.dense|output\.dense)",
+        # Mean pooling never uses the pooler, and task-head checkpoints such as
+        # BertForMaskedLM have none. Its weights, if present, pass through to the merged file.
+        model_kwargs={"add_pooling_layer": False},
     ),
     ModelFamily(
         name="Llama",
@@ -83,9 +95,9 @@ FAMILIES: tuple[ModelFamily, ...] = (
     ModelFamily(
         name="GPT-2",
         model_types=("gpt2",),
-        # Conv1D weights are stored (in, out) and used by addmm, so the forward
-        # applies these adapters through the materialised weight.
+        # GPT-2's projections are transformers' Conv1D, whose weight is (in, out) and used by addmm.
         lora_pattern=r"h\.\d+\.(attn\.(c_attn|c_proj)|mlp\.(c_fc|c_proj))",
+        fan_in_fan_out=True,
         forward_kwargs={"use_cache": False},
     ),
 )
@@ -114,7 +126,9 @@ class LoadedWeights:
     #: Checkpoint keys that the base model has no parameter or persistent buffer for (a task head, old buffers).
     unused_keys: list[str]
     files: list[Path]
-    #: Buffers of the model that the checkpoint does not hold; the module's own values are used.
+    #: Checkpoint key -> the safetensors file that contains it.
+    locations: dict[str, Path]
+    #: Buffers of the model that the checkpoint lacks, so the module's own values are used.
     module_buffers: list[str]
 
 
@@ -141,6 +155,11 @@ def open_checkpoint(directory: Path) -> Checkpoint:
         CheckpointError: if the directory or its config.json is missing or
             invalid, or the model type is not one the demo supports.
     """
+    if directory.exists() and not directory.is_dir():
+        raise CheckpointError(
+            f"Checkpoint path {directory} is a file, not a directory; pass --checkpoint with the directory "
+            "that contains config.json, model.safetensors and tokenizer files."
+        )
     if not directory.is_dir():
         raise CheckpointError(
             f"Checkpoint directory {directory} not found; pass --checkpoint with a directory that "
@@ -157,7 +176,7 @@ def open_checkpoint(directory: Path) -> Checkpoint:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise CheckpointError(f"{config_path} is not valid JSON ({error}); restore it from the original checkpoint.") from None
     if not isinstance(raw, dict):
-        raise CheckpointError(f"{config_path} holds a JSON {type(raw).__name__}, not an object; restore it from the original checkpoint.")
+        raise CheckpointError(f"{config_path} contains a JSON {type(raw).__name__}, not an object; restore it from the original checkpoint.")
 
     model_type = raw.get("model_type")
     family = _family_of(model_type)
@@ -172,8 +191,8 @@ def open_checkpoint(directory: Path) -> Checkpoint:
 
     try:
         config = AutoConfig.from_pretrained(str(directory), local_files_only=True)
-    except (OSError, ValueError, TypeError, KeyError) as error:
-        raise CheckpointError(f"{config_path} is not a valid {family.name} config ({_first_line(error)}); restore it from the original checkpoint.") from None
+    except (OSError, ValueError, TypeError, KeyError, _ConfigValidationError) as error:
+        raise CheckpointError(f"{config_path} is not a valid {family.name} config ({_one_line(error)}); restore it from the original checkpoint.") from None
     return Checkpoint(directory=directory, config=config, family=family)
 
 
@@ -193,7 +212,7 @@ def parameters_on_meta() -> Iterator[None]:
     parameter is replaced by a meta tensor of the same class, shape and dtype
     as soon as it is registered. Initialisers that run afterwards touch meta
     tensors only. Buffers are untouched, so non-persistent ones that no
-    checkpoint holds (BERT's ``position_ids``, Llama's rotary ``inv_freq``)
+    checkpoint contains (BERT's ``position_ids``, Llama's rotary ``inv_freq``)
     keep the values the module computed for them.
 
     NOTE: a layer's constructor still allocates its parameter with
@@ -217,17 +236,27 @@ def parameters_on_meta() -> Iterator[None]:
 
 
 def build_on_meta(checkpoint: Checkpoint) -> nn.Module:
-    """Build the checkpoint's base model (no task head) in float32, parameters on ``meta``, buffers real."""
+    """Build the checkpoint's base model (no task head) in float32, parameters on ``meta``, buffers real.
+
+    Raises:
+        CheckpointError: if transformers cannot build a model from config.json.
+    """
     from transformers import AutoModel
 
-    with parameters_on_meta():
-        model = AutoModel.from_config(checkpoint.config, dtype=torch.float32)
+    try:
+        with parameters_on_meta():
+            model = AutoModel.from_config(checkpoint.config, dtype=torch.float32, **checkpoint.family.model_kwargs)
+    except (ValueError, TypeError, KeyError, AttributeError, _ConfigValidationError) as error:
+        raise CheckpointError(
+            f"Cannot build a {checkpoint.family.name} model from {checkpoint.directory / 'config.json'} "
+            f"({_one_line(error)}); restore it from the original checkpoint."
+        ) from None
     model.eval()
     return model
 
 
 def _tensor_locations(directory: Path) -> dict[str, Path]:
-    """Map each tensor key of the checkpoint to the safetensors file that holds it."""
+    """Map each tensor key of the checkpoint to the safetensors file that contains it."""
     index_path = directory / INDEX_FILE
     single_path = directory / SINGLE_FILE
     if index_path.is_file():
@@ -275,7 +304,7 @@ def _file_keys(path: Path) -> list[str]:
         with safe_open(str(path), framework="pt") as handle:
             return list(handle.keys())
     except (SafetensorError, OSError) as error:
-        raise CheckpointError(f"Cannot read {path} as safetensors ({_first_line(error)}); re-download or re-save the file.") from None
+        raise CheckpointError(f"Cannot read {path} as safetensors ({_one_line(error)}); re-download or re-save the file.") from None
 
 
 def read_tensors(locations: Mapping[str, Path], keys: list[str]) -> dict[str, torch.Tensor]:
@@ -295,7 +324,7 @@ def read_tensors(locations: Mapping[str, Path], keys: list[str]) -> dict[str, to
                 for key in file_keys:
                     tensors[key] = handle.get_tensor(key)
         except (SafetensorError, OSError) as error:
-            raise CheckpointError(f"Cannot read {path} as safetensors ({_first_line(error)}); re-download or re-save the file.") from None
+            raise CheckpointError(f"Cannot read {path} as safetensors ({_one_line(error)}); re-download or re-save the file.") from None
     return tensors
 
 
@@ -327,9 +356,9 @@ def load_weights(checkpoint: Checkpoint, model: nn.Module) -> LoadedWeights:
         elif key in parameter_names and not any(alias in locations or prefix + alias in locations for alias in parameter_names[key]):
             missing.append(key)
     if missing:
-        shown = ", ".join(repr(k) for k in missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        preview = ", ".join(repr(k) for k in missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
         raise CheckpointError(
-            f"The checkpoint in {checkpoint.directory} has no tensor for parameter(s) {shown} of "
+            f"The checkpoint in {checkpoint.directory} has no tensor for parameter(s) {preview} of "
             f"{type(model).__name__}; check that config.json matches the weights."
         )
 
@@ -337,11 +366,11 @@ def load_weights(checkpoint: Checkpoint, model: nn.Module) -> LoadedWeights:
     tree: dict[str, torch.Tensor] = {}
     for key, source_key in checkpoint_keys.items():
         tensor = raw[source_key]
-        wanted = tuple(expected[key].shape)
-        if tuple(tensor.shape) != wanted:
+        expected_shape = tuple(expected[key].shape)
+        if tuple(tensor.shape) != expected_shape:
             raise CheckpointError(
                 f"Tensor {source_key!r} in {locations[source_key]} has shape {tuple(tensor.shape)}, but the model "
-                f"built from config.json expects {wanted}; check that config.json matches the weights."
+                f"built from config.json expects {expected_shape}; check that config.json matches the weights."
             )
         tree[key] = tensor.float() if tensor.is_floating_point() else tensor
 
@@ -355,6 +384,7 @@ def load_weights(checkpoint: Checkpoint, model: nn.Module) -> LoadedWeights:
         checkpoint_keys=checkpoint_keys,
         unused_keys=unused,
         files=sorted(set(locations.values())),
+        locations=locations,
         module_buffers=module_buffers,
     )
 
@@ -389,7 +419,7 @@ def load_tokenizer(checkpoint: Checkpoint) -> Any:
         tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
     except (OSError, ValueError, TypeError, KeyError, AttributeError) as error:
         raise CheckpointError(
-            f"Cannot load the tokenizer in {directory} ({_first_line(error)}); "
+            f"Cannot load the tokenizer in {directory} ({_one_line(error)}); "
             "save the tokenizer with tokenizer.save_pretrained into the checkpoint directory."
         ) from None
 
@@ -403,6 +433,7 @@ def load_tokenizer(checkpoint: Checkpoint) -> Any:
     return tokenizer
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip() or type(error).__name__
-    return text.splitlines()[0]
+def _one_line(error: BaseException, limit: int = 200) -> str:
+    """Return the error's message on one line, cut to ``limit`` characters."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
