@@ -102,12 +102,11 @@ class _AdaptedWeights(TorchFunctionMode):
     def _linear(self, func, entry, args, kwargs):
         weight, chain, training = entry
         x = args[0] if args else kwargs["input"]
-        deltas = [adapter.linear_delta(x, training) for adapter in chain]
-        if any(delta is None for delta in deltas):
-            return self._call_with(func, args, kwargs, self._materialise_if_adapted(weight))
         output = func(*args, **kwargs)
-        for delta in deltas:
-            output = output + delta.to(output.dtype)
+        for adapter in chain:
+            output = adapter.add_to_output(x, output, training)
+            if output is None:
+                return self._call_with(func, args, kwargs, self._materialise_if_adapted(weight))
         return output
 
     def _matmul(self, func, args, kwargs):

@@ -41,6 +41,15 @@ class WeightAdapter(abc.ABC):
         """
         return None
 
+    def add_to_output(self, x: torch.Tensor, output: torch.Tensor, training: bool) -> torch.Tensor | None:
+        """Return ``output`` (the base op's result) plus this adapter's part, or None to fall back.
+
+        The default adds :meth:`linear_delta`; an adapter may fuse the
+        addition into its last matmul.
+        """
+        delta = self.linear_delta(x, training)
+        return None if delta is None else output + delta.to(output.dtype)
+
 
 class PeftMethod(abc.ABC):
     """A PEFT method as pure functions over flat trees.

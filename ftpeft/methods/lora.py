@@ -66,12 +66,23 @@ class _LoRAWeight(WeightAdapter):
     def materialise(self, weight: torch.Tensor) -> torch.Tensor:
         return add_delta(weight, lora_delta(self.lora_a, self.lora_b, self.scale, weight.dtype, transposed=self.transposed))
 
-    def linear_delta(self, x: torch.Tensor, training: bool) -> torch.Tensor:
-        hidden = x.to(self.lora_a.dtype)
+    def _low_rank(self, x: torch.Tensor, training: bool) -> torch.Tensor:
+        hidden = x if x.dtype == self.lora_a.dtype else x.to(self.lora_a.dtype)
         if training and self.dropout > 0:
             hidden = F.dropout(hidden, self.dropout, training=True)
+        return F.linear(hidden, self.lora_a)
+
+    def linear_delta(self, x: torch.Tensor, training: bool) -> torch.Tensor:
         # Scaling the rank-r intermediate costs r multiplies per row instead of out.
-        return F.linear(F.linear(hidden, self.lora_a) * self.scale, self.lora_b)
+        return F.linear(self._low_rank(x, training) * self.scale, self.lora_b)
+
+    def add_to_output(self, x: torch.Tensor, output: torch.Tensor, training: bool) -> torch.Tensor:
+        low = self._low_rank(x, training)
+        if output.dtype != self.lora_b.dtype:
+            return output + F.linear(low * self.scale, self.lora_b).to(output.dtype)
+        # One addmm computes output + s * low @ B^T, with no separate scale or add.
+        rows = torch.addmm(output.reshape(-1, output.shape[-1]), low.reshape(-1, low.shape[-1]), self.lora_b.t(), alpha=self.scale)
+        return rows.view(output.shape)
 
 
 class LoRA(PeftMethod):
