@@ -10,7 +10,6 @@ import torch
 
 from ..maps import Group, StateMap
 from ..methods import FullTune, LoRA, PeftMethod, PeftStack
-from ..methods.lora import add_delta
 from ..tree import TensorSpec
 
 __all__ = ["AdapterMerge"]
@@ -74,7 +73,7 @@ def _shear(method: LoRA, module: str, lora_a: torch.Tensor, lora_b: torch.Tensor
         ((key, weight),) = tensors.items()
         if weight.device.type == "meta":
             return {key: weight}
-        return {key: add_delta(weight, method._delta(module, lora_a, lora_b, weight.dtype))}
+        return {key: method._merged(module, weight, lora_a, lora_b)}
 
     return fn
 
