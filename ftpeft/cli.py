@@ -200,7 +200,7 @@ def _inspect_adapter(path: Path) -> None:
             shape_a, shape_b = tuple(adapter[f"{module}.lora_A"].shape), tuple(adapter[f"{module}.lora_B"].shape)
             print(f"{module:{width}}  {lora.rank_of(module):>4}  {lora.scale_of(module):>8.4g}  {str(shape_a):>12}  {str(shape_b):>12}")
         print(f"LoRA on {len(modules)} modules, r={lora.params.r}, alpha={lora.params.alpha:g}, rsLoRA={lora.params.use_rslora}")
-    others = sorted(key for key in adapter if not key.endswith((".lora_A", ".lora_B")))
+    others = sorted(key for key in adapter if not key.endswith((".lora_A", ".lora_B", ".lora_bias")))
     if others:
         print(f"fully trained tensors: {', '.join(others)}")
 

@@ -101,6 +101,7 @@ class _AdaptedWeights(TorchFunctionMode):
 
     def _linear(self, func, entry, args, kwargs):
         weight, chain, training = entry
+        args, kwargs = self._materialise_others(args, kwargs, weight)
         x = args[0] if args else kwargs["input"]
         output = func(*args, **kwargs)
         for adapter in chain:
@@ -124,11 +125,20 @@ class _AdaptedWeights(TorchFunctionMode):
         deltas = [adapter.linear_delta(x, entry[2]) for adapter in entry[1]]
         if any(delta is None for delta in deltas):
             return None
+        args, kwargs = self._materialise_others(args, kwargs, weight)
         output = func(*args, **kwargs)
         factor = kwargs.get("alpha", 1) if is_addmm else 1
         for delta in deltas:
             output = output + (delta * factor if factor != 1 else delta).to(output.dtype)
         return output
+
+    def _materialise_others(self, args: tuple, kwargs: dict, weight: torch.Tensor) -> tuple[tuple, dict]:
+        """Materialise adapted tensors among the arguments other than ``weight``, such as an adapted bias."""
+        if not self._touches_adapted(tuple(a for a in args if a is not weight), {k: v for k, v in kwargs.items() if v is not weight}):
+            return args, kwargs
+        args = tuple(a if a is weight else self._materialise_if_adapted(a) for a in args)
+        kwargs = {k: (v if v is weight else self._materialise_if_adapted(v)) for k, v in kwargs.items()}
+        return args, kwargs
 
     @staticmethod
     def _call_with(func, args, kwargs, weight):

@@ -196,7 +196,7 @@ def test_unknown_fields_are_kept_with_a_warning(tmp_path):
     assert json.loads((tmp_path / "b" / "adapter_config.json").read_text())["future_option"] == {"x": 1}
 
 
-@pytest.mark.parametrize(("field", "value"), [("use_dora", True), ("lora_bias", True), ("bias", "all"), ("init_lora_weights", "pissa"), ("layers_to_transform", [0])])
+@pytest.mark.parametrize(("field", "value"), [("use_dora", True), ("bias", "all"), ("init_lora_weights", "pissa"), ("layers_to_transform", [0])])
 def test_unsupported_field_is_named(tmp_path, field, value):
     write_adapter(tmp_path, {"peft_type": "LORA", "r": 2, "lora_alpha": 2, "target_modules": ["q"], field: value}, {"base_model.model.q.lora_A.weight": torch.zeros(2, 4), "base_model.model.q.lora_B.weight": torch.zeros(4, 2)})
 
@@ -240,3 +240,29 @@ def test_modules_to_save_become_full_tune_member(tmp_path):
 def test_missing_folder_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="adapter_config.json"):
         load_hf_peft_adapter(tmp_path / "nowhere")
+
+
+def test_lora_bias_round_trips_with_peft(tmp_path):
+    model = tiny_bert()
+    peft_model = peft_saved(model, tmp_path / "a", r=2, lora_alpha=4, target_modules=["query", "value"], lora_bias=True)
+    with torch.no_grad():
+        for module in peft_model.modules():
+            if isinstance(module, peft.tuners.lora.LoraLayer):
+                module.lora_B["default"].bias.normal_()
+    peft_model.save_pretrained(tmp_path / "a")
+    base = state_of(model)
+
+    config, adapter = load_hf_peft_adapter(tmp_path / "a", base=base)
+    method = peft_method_from_config(config)
+    ours = functional_forward(model, method)({**base, **adapter}, input_ids=IDS).last_hidden_state
+    save_hf_peft_adapter(tmp_path / "b", config, adapter)
+    reloaded = peft.PeftModel.from_pretrained(copy.deepcopy(model), tmp_path / "b").eval()
+
+    assert config.params.lora_bias
+    assert "encoder.layer.0.attention.self.query.lora_bias" in adapter
+    torch.testing.assert_close(ours, peft_model(input_ids=IDS).last_hidden_state, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(reloaded(input_ids=IDS).last_hidden_state, ours, rtol=1e-5, atol=1e-5)
+    merged = method.merge({**base, **adapter})
+    theirs = peft_model.merge_and_unload().state_dict()
+    key = "encoder.layer.0.attention.self.query.bias"
+    torch.testing.assert_close(merged[key], theirs[key], rtol=1e-5, atol=1e-6)

@@ -348,3 +348,62 @@ def test_rank_pattern_key_that_matches_no_target_is_named():
 
     with pytest.raises(ValueError, match="rank_pattern key 'dwn'"):
         method.inject({"q.weight": torch.zeros(2, 2)})
+
+
+def lora_bias_tree():
+    # in = out = 2, r = 2, alpha = 8 (s = 4), W = 0, base bias [1, 1], A = I, B = 0, LoRA bias [0.5, -0.5].
+    return {
+        "lin.weight": torch.zeros(2, 2),
+        "lin.bias": torch.ones(2),
+        "lin.lora_A": torch.eye(2),
+        "lin.lora_B": torch.zeros(2, 2),
+        "lin.lora_bias": torch.tensor([0.5, -0.5]),
+    }
+
+
+class OneLinear(torch.nn.Module):
+    def __init__(self, bias: bool = True):
+        super().__init__()
+        self.lin = torch.nn.Linear(2, 2, bias=bias)
+
+    def forward(self, x):
+        return self.lin(x)
+
+
+def test_lora_bias_forward_merge_and_unmerge():
+    from ftpeft import functional_forward
+
+    method = lora(["lin"], r=2, alpha=8.0, lora_bias=True)
+    tree = lora_bias_tree()
+
+    out = functional_forward(OneLinear(), method)(tree, torch.randn(5, 2))
+    merged = method.merge(tree)
+    restored = method.unmerge(merged, {k: tree[k] for k in ("lin.lora_A", "lin.lora_B", "lin.lora_bias")})
+
+    assert torch.equal(out, torch.tensor([[3.0, -1.0]]).expand(5, 2))
+    assert torch.equal(merged["lin.bias"], torch.tensor([3.0, -1.0]))
+    assert torch.equal(restored["lin.bias"], torch.tensor([1.0, 1.0]))
+    assert torch.equal(method.merge_map()(tree)["lin.bias"], torch.tensor([3.0, -1.0]))
+
+
+def test_lora_bias_creates_bias_on_base_without_one():
+    from ftpeft import functional_forward
+
+    method = lora(["lin"], r=2, alpha=8.0, lora_bias=True)
+    tree = {k: v for k, v in lora_bias_tree().items() if k != "lin.bias"}
+
+    out = functional_forward(OneLinear(bias=False), method)(tree, torch.randn(3, 2))
+    merged = method.merge(tree)
+
+    assert torch.equal(out, torch.tensor([[2.0, -2.0]]).expand(3, 2))
+    assert torch.equal(merged["lin.bias"], torch.tensor([2.0, -2.0]))
+    assert torch.equal(method.merge_map()(tree)["lin.bias"], torch.tensor([2.0, -2.0]))
+
+
+def test_lora_bias_is_injected_and_trainable():
+    method = lora(["lin"], lora_bias=True)
+
+    injected = method.inject({"lin.weight": torch.randn(3, 4)})
+
+    assert torch.equal(injected["lin.lora_bias"], torch.zeros(3))
+    assert "lin.lora_bias" in method.trainable_keys(injected)

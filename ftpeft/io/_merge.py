@@ -10,6 +10,7 @@ import torch
 
 from ..maps import Group, StateMap
 from ..methods import FullTune, LoRA, PeftMethod, PeftStack
+from ..methods.lora import merge_bias
 from ..tree import TensorSpec
 
 __all__ = ["AdapterMerge"]
@@ -41,13 +42,23 @@ class AdapterMerge(StateMap):
                 for key in method.trainable_keys(spec):
                     if key in self.adapter:
                         changes.setdefault(key, []).append(_replace(self.adapter[key]))
+        created: list[Group] = []
         for method in members:
             if isinstance(method, LoRA):
                 for module in method.targets(spec):
                     weight_key = f"{module}.weight" if module else "weight"
                     lora_a, lora_b = method._adapter_pair(self.adapter, module, spec[weight_key])
                     changes.setdefault(weight_key, []).append(_shear(method, module, lora_a, lora_b))
-        return [Group((key,), (key,), _chain(changes.get(key, []))) for key in spec]
+                    if method.config.params.lora_bias:
+                        bias_key = f"{module}.bias" if module else "bias"
+                        lora_bias = method._lora_bias(self.adapter, module, spec[weight_key])
+                        scale = method.config.scale_of(module)
+                        if bias_key in spec:
+                            changes.setdefault(bias_key, []).append(_add_bias(lora_bias, scale))
+                        else:
+                            # The base has no bias, so the merge creates one from the LoRA bias alone.
+                            created.append(Group((), (bias_key,), _new_bias(bias_key, lora_bias, scale, spec[weight_key].dtype)))
+        return [Group((key,), (key,), _chain(changes.get(key, []))) for key in spec] + created
 
     def inverse(self) -> StateMap:
         raise ValueError("AdapterMerge has no inverse here; load the merged checkpoint and use method.unmerge with the adapter.")
@@ -74,6 +85,23 @@ def _shear(method: LoRA, module: str, lora_a: torch.Tensor, lora_b: torch.Tensor
         if weight.device.type == "meta":
             return {key: weight}
         return {key: method._merged(module, weight, lora_a, lora_b)}
+
+    return fn
+
+
+def _add_bias(lora_bias: torch.Tensor, scale: float):
+    def fn(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        ((key, bias),) = tensors.items()
+        if bias.device.type == "meta":
+            return {key: bias}
+        return {key: merge_bias(bias, lora_bias, scale, bias.dtype)}
+
+    return fn
+
+
+def _new_bias(key: str, lora_bias: torch.Tensor, scale: float, dtype: torch.dtype):
+    def fn(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {key: merge_bias(None, lora_bias, scale, dtype)}
 
     return fn
 

@@ -46,6 +46,13 @@ LEGACY_WEIGHTS_NAME = "adapter_model.bin"
 _PREFIX = "base_model.model."
 _LORA_ON_DISK = re.compile(r"(?:base_model\.model\.)?(.*)\.lora_([AB])\.weight")
 _LORA_IN_TREE = re.compile(r"(.*)\.lora_([AB])")
+_LORA_BIAS_ON_DISK = re.compile(r"(?:base_model\.model\.)?(.*)\.lora_B\.bias")
+_LORA_BIAS_IN_TREE = re.compile(r"(.*)\.lora_bias")
+
+
+def _is_lora_key(key: str) -> bool:
+    """Return whether a key (in ftpeft's names) is a LoRA leaf rather than a saved module parameter."""
+    return bool(_LORA_IN_TREE.fullmatch(key) or _LORA_BIAS_IN_TREE.fullmatch(key))
 
 
 class FtpeftWarning(UserWarning):
@@ -68,7 +75,7 @@ class HFPeftKeys(StateMap):
     def reads(self, spec):
         if self.to_disk:
             return set(spec)
-        return {key for key in spec if key.startswith(_PREFIX) or _LORA_ON_DISK.fullmatch(key)}
+        return {key for key in spec if key.startswith(_PREFIX) or _LORA_ON_DISK.fullmatch(key) or _LORA_BIAS_ON_DISK.fullmatch(key)}
 
     def _plan(self, spec):
         groups = []
@@ -84,10 +91,16 @@ class HFPeftKeys(StateMap):
             match = _LORA_IN_TREE.fullmatch(key)
             if match:
                 return f"{_PREFIX}{match.group(1)}.lora_{match.group(2)}.weight"
+            match = _LORA_BIAS_IN_TREE.fullmatch(key)
+            if match:
+                return f"{_PREFIX}{match.group(1)}.lora_B.bias"
             return _PREFIX + key
         match = _LORA_ON_DISK.fullmatch(key)
         if match:
             return f"{match.group(1)}.lora_{match.group(2)}"
+        match = _LORA_BIAS_ON_DISK.fullmatch(key)
+        if match:
+            return f"{match.group(1)}.lora_bias"
         return key[len(_PREFIX) :]
 
     def inverse(self) -> StateMap:
@@ -150,7 +163,7 @@ def hf_peft_key_map() -> StateMap:
 # Fields whose value ftpeft follows.
 _SUPPORTED = {
     "r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora", "fan_in_fan_out",
-    "rank_pattern", "alpha_pattern", "modules_to_save", "bias", "init_lora_weights",
+    "rank_pattern", "alpha_pattern", "modules_to_save", "bias", "init_lora_weights", "lora_bias",
 }
 # Fields that describe the adapter but do not change its math.
 _INFORMATIONAL = {
@@ -160,7 +173,6 @@ _INFORMATIONAL = {
 # Fields ftpeft cannot honour yet: loading works only while each has this value.
 _UNSUPPORTED_DEFAULTS: dict[str, Any] = {
     "use_dora": False,
-    "lora_bias": False,
     "layers_to_transform": None,
     "layers_pattern": None,
     "exclude_modules": None,
@@ -254,6 +266,7 @@ def read_hf_peft_config(directory: str | os.PathLike) -> HFPeftConfig:
             dropout=raw.get("lora_dropout", 0.0),
             use_rslora=bool(raw.get("use_rslora", False)),
             fan_in_fan_out=bool(raw.get("fan_in_fan_out", False)),
+            lora_bias=bool(raw.get("lora_bias", False)),
             init="gaussian" if init == "gaussian" else "kaiming_uniform",
         ),
         rank_pattern=raw.get("rank_pattern") or {},
@@ -318,7 +331,7 @@ def load_hf_peft_adapter(
     adapter = _cleanup_map(key_map)(on_disk, passthrough=True)
 
     lora_modules = sorted({match.group(1) for key in adapter if (match := _LORA_IN_TREE.fullmatch(key))})
-    saved_keys = [key for key in adapter if not _LORA_IN_TREE.fullmatch(key)]
+    saved_keys = [key for key in adapter if not _is_lora_key(key)]
     if not lora_modules:
         raise ValueError(f"{str(directory)!r} contains no LoRA tensors (keys such as 'base_model.model.<path>.lora_A.weight').")
 
@@ -413,7 +426,9 @@ def save_hf_peft_adapter(
     on_disk = compose(forward_map, HFPeftKeys(to_disk=True))(keys_in_tree, passthrough=True)
 
     # modules_to_save names the modules as PEFT sees them, so take them from the on-disk keys.
-    saved_modules = sorted({module_path(key[len(_PREFIX):]) for key in on_disk if not _LORA_ON_DISK.fullmatch(key)})
+    saved_modules = sorted(
+        {module_path(key[len(_PREFIX) :]) for key in on_disk if not (_LORA_ON_DISK.fullmatch(key) or _LORA_BIAS_ON_DISK.fullmatch(key))}
+    )
     if saved_modules and not full_tunes:
         raise ValueError(
             f"The adapter contains non-LoRA key(s) under {', '.join(saved_modules[:3])}, but the config has no FullTune "
@@ -469,7 +484,8 @@ def _config_json(lora: LoRAConfig, saved_modules: list[str], extra: Mapping[str,
         logger.warning("target_modules is a regex over ftpeft's module paths; key_map may have renamed them.")
 
     data: dict[str, Any] = {
-        **{key: default for key, default in _UNSUPPORTED_DEFAULTS.items() if key in ("use_dora", "lora_bias", "layers_to_transform", "layers_pattern", "exclude_modules", "target_parameters")},
+        **{key: default for key, default in _UNSUPPORTED_DEFAULTS.items() if key in ("use_dora", "layers_to_transform", "layers_pattern", "exclude_modules", "target_parameters")},
+        "lora_bias": params.lora_bias,
         "alpha_pattern": {key: number(value) for key, value in lora.alpha_pattern.items()},
         "base_model_name_or_path": None,
         "bias": "none",

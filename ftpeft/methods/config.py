@@ -81,6 +81,13 @@ class LoRAParameters(_Config):
             "stores them. A is then (r, W.shape[0]), B is (W.shape[1], r), and the update added to W is (s * B @ A)^T."
         ),
     )
+    lora_bias: bool = Field(
+        False,
+        description=(
+            "Give B a trainable bias b (`<module>.lora_bias`, shape (out,), starting at zero): the module's output "
+            "gains s * (B A x + b), so merging adds s * b to the module's bias, creating the bias when the base has none."
+        ),
+    )
     init: Literal["kaiming_uniform", "gaussian"] = Field(
         "kaiming_uniform",
         description=(

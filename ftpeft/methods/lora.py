@@ -16,7 +16,7 @@ from ._patterns import match_modules
 from .base import PeftMethod, WeightAdapter
 from .config import LoRAConfig
 
-__all__ = ["LoRA", "LoRAMergeMap", "lora_delta", "add_delta"]
+__all__ = ["LoRA", "LoRAMergeMap", "add_delta", "lora_delta", "merge_bias", "merge_weight"]
 
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -65,13 +65,24 @@ def _leaf_key(module: str, name: str) -> str:
 
 
 class _LoRAWeight(WeightAdapter):
-    def __init__(self, module: str, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float, dropout: float, transposed: bool):
+    def __init__(
+        self,
+        module: str,
+        lora_a: torch.Tensor,
+        lora_b: torch.Tensor,
+        scale: float,
+        dropout: float,
+        transposed: bool,
+        lora_bias: torch.Tensor | None = None,
+    ):
         self.module = module
         self.lora_a = lora_a
         self.lora_b = lora_b
         self.scale = scale
         self.dropout = dropout
         self.transposed = transposed
+        # Set only when the base module has no bias of its own to carry the LoRA bias.
+        self.lora_bias = lora_bias
 
     def materialise(self, weight: torch.Tensor) -> torch.Tensor:
         return add_delta(weight, lora_delta(self.lora_a, self.lora_b, self.scale, weight.dtype, transposed=self.transposed))
@@ -84,15 +95,36 @@ class _LoRAWeight(WeightAdapter):
 
     def linear_delta(self, x: torch.Tensor, training: bool) -> torch.Tensor:
         # Scaling the rank-r intermediate costs r multiplies per row instead of out.
-        return F.linear(self._low_rank(x, training) * self.scale, self.lora_b)
+        bias = None if self.lora_bias is None else self.lora_bias * self.scale
+        return F.linear(self._low_rank(x, training) * self.scale, self.lora_b, bias)
 
     def add_to_output(self, x: torch.Tensor, output: torch.Tensor, training: bool) -> torch.Tensor:
+        if self.lora_bias is not None or output.dtype != self.lora_b.dtype:
+            return output + self.linear_delta(x, training).to(output.dtype)
         low = self._low_rank(x, training)
-        if output.dtype != self.lora_b.dtype:
-            return output + F.linear(low * self.scale, self.lora_b).to(output.dtype)
         # One addmm computes output + s * low @ B^T, with no separate scale or add.
         rows = torch.addmm(output.reshape(-1, output.shape[-1]), low.reshape(-1, low.shape[-1]), self.lora_b.t(), alpha=self.scale)
         return rows.view(output.shape)
+
+
+class _LoRABias(WeightAdapter):
+    """The LoRA bias as a change of the module's own bias leaf: ``b -> b + s * b_lora``."""
+
+    def __init__(self, module: str, lora_bias: torch.Tensor, scale: float):
+        self.module = module
+        self.lora_bias = lora_bias
+        self.scale = scale
+
+    def materialise(self, weight: torch.Tensor) -> torch.Tensor:
+        return merge_bias(weight, self.lora_bias, self.scale, weight.dtype)
+
+
+def merge_bias(bias: torch.Tensor | None, lora_bias: torch.Tensor, scale: float, dtype: torch.dtype, *, sign: int = 1) -> torch.Tensor:
+    """Return ``bias + sign * scale * lora_bias`` in at least float32, rounded once; a missing bias counts as zero."""
+    compute = torch.promote_types(dtype, torch.float32)
+    update = lora_bias.to(compute) * (sign * scale)
+    total = update if bias is None else bias.to(compute) + update
+    return total.to(dtype)
 
 
 class LoRA(PeftMethod):
@@ -107,7 +139,8 @@ class LoRA(PeftMethod):
     bfloat16, and take the base weight's dtype otherwise. With
     ``fan_in_fan_out`` the weight is stored as ``(in, out)`` and the update
     added to it is transposed. ``rank_pattern`` and ``alpha_pattern`` set r
-    and alpha per module.
+    and alpha per module. With ``lora_bias``, ``<module>.lora_bias`` of shape
+    ``(out,)`` adds ``s * lora_bias`` to the module's output.
     """
 
     def __init__(self, config: LoRAConfig):
@@ -171,6 +204,8 @@ class LoRA(PeftMethod):
         for module in self.targets(tree):
             keys.add(_leaf_key(module, "lora_A"))
             keys.add(_leaf_key(module, "lora_B"))
+            if self.config.params.lora_bias:
+                keys.add(_leaf_key(module, "lora_bias"))
         return keys
 
     def trainable_keys(self, tree: Mapping[str, Any]) -> set[str]:
@@ -202,6 +237,11 @@ class LoRA(PeftMethod):
             else:
                 adapted[_leaf_key(module, "lora_A")] = self._init_a(spec_a, rank, generator)
                 adapted[_leaf_key(module, "lora_B")] = torch.zeros(spec_b.shape, dtype=dtype, device=weight.device)
+            if self.config.params.lora_bias:
+                spec_bias = TensorSpec((out_features,), dtype, weight.device, adapter=True)
+                adapted[_leaf_key(module, "lora_bias")] = (
+                    spec_bias if planning else torch.zeros(spec_bias.shape, dtype=dtype, device=weight.device)
+                )
         return adapted
 
     def _init_a(self, spec: TensorSpec, rank: int, generator: torch.Generator | None) -> torch.Tensor:
@@ -230,6 +270,11 @@ class LoRA(PeftMethod):
             weight_key = _weight_key(module)
             lora_a, lora_b = self._adapter_pair(tree, module, tree[weight_key])
             merged[weight_key] = self._merged(module, tree[weight_key], lora_a, lora_b)
+            if self.config.params.lora_bias:
+                bias_key = _leaf_key(module, "bias")
+                lora_bias = self._lora_bias(tree, module, tree[weight_key])
+                bias_dtype = tree[bias_key].dtype if bias_key in tree else tree[weight_key].dtype
+                merged[bias_key] = merge_bias(tree.get(bias_key), lora_bias, self.config.scale_of(module), bias_dtype)
         return merged
 
     def unmerge(self, merged: Mapping[str, Any], adapter: Mapping[str, Any]) -> Tree:
@@ -251,6 +296,14 @@ class LoRA(PeftMethod):
                 weight_key = _weight_key(module)
                 lora_a, lora_b = self._adapter_pair(adapter, module, merged[weight_key])
                 restored[weight_key] = self._merged(module, merged[weight_key], lora_a, lora_b, sign=-1)
+                if self.config.params.lora_bias:
+                    bias_key = _leaf_key(module, "bias")
+                    self._require(merged, {bias_key}, "unmerge")
+                    lora_bias = self._lora_bias(adapter, module, merged[weight_key])
+                    # NOTE: a bias that merge created stays, holding zeros (up to rounding).
+                    restored[bias_key] = merge_bias(
+                        merged[bias_key], lora_bias, self.config.scale_of(module), merged[bias_key].dtype, sign=-1
+                    )
         for key in sorted(adapter_keys):
             restored[key] = adapter[key]
         return restored
@@ -263,12 +316,20 @@ class LoRA(PeftMethod):
         scales = {module: self.config.scale_of(module) for module in targets}
         dropout, transposed = self.config.params.dropout, self.config.params.fan_in_fan_out
 
+        with_bias = self.config.params.lora_bias
+        has_base_bias = {module: _leaf_key(module, "bias") in spec for module in targets}
+
         def bind(tree: Mapping[str, Any]) -> dict[str, list[WeightAdapter]]:
             adapters: dict[str, list[WeightAdapter]] = {}
             for module in targets:
                 weight_key = _weight_key(module)
                 lora_a, lora_b = self._adapter_pair(tree, module, tree[weight_key])
-                adapters[weight_key] = [_LoRAWeight(module, lora_a, lora_b, scales[module], dropout, transposed)]
+                lora_bias = self._lora_bias(tree, module, tree[weight_key]) if with_bias else None
+                if lora_bias is not None and has_base_bias[module]:
+                    # The module's own bias leaf carries the LoRA bias wherever it is used.
+                    adapters[_leaf_key(module, "bias")] = [_LoRABias(module, lora_bias, scales[module])]
+                    lora_bias = None
+                adapters[weight_key] = [_LoRAWeight(module, lora_a, lora_b, scales[module], dropout, transposed, lora_bias)]
             return adapters
 
         return bind
@@ -287,6 +348,14 @@ class LoRA(PeftMethod):
                 "base model and this config's rank."
             )
         return lora_a, lora_b
+
+    def _lora_bias(self, tree: Mapping[str, Any], module: str, weight: Any) -> torch.Tensor:
+        key = _leaf_key(module, "lora_bias")
+        self._require(tree, {key}, "use")
+        out_features = self._features(weight)[0]
+        if tuple(tree[key].shape) != (out_features,):
+            raise ValueError(f"LoRA bias {key!r} has shape {tuple(tree[key].shape)}, but the module's output size needs ({out_features},).")
+        return tree[key]
 
     def _merged(self, module: str, weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, *, sign: int = 1) -> torch.Tensor:
         return merge_weight(
@@ -326,18 +395,34 @@ class LoRAMergeMap(StateMap):
             keys = (_weight_key(module), _leaf_key(module, "lora_A"), _leaf_key(module, "lora_B"))
             LoRA._require(spec, set(keys), "unmerge" if self.unmerge else "merge")
             method._adapter_pair(spec, module, spec[keys[0]])
-            groups.append(Group(keys, keys, self._shear(keys, method, module)))
-            done.update(keys)
+            inputs, outputs = keys, keys
+            if self.config.params.lora_bias:
+                lora_bias_key, bias_key = _leaf_key(module, "lora_bias"), _leaf_key(module, "bias")
+                LoRA._require(spec, {lora_bias_key}, "unmerge" if self.unmerge else "merge")
+                # A base without a bias gets one from the merge.
+                inputs = keys + (lora_bias_key,) + ((bias_key,) if bias_key in spec else ())
+                outputs = keys + (lora_bias_key, bias_key)
+            groups.append(Group(inputs, outputs, self._shear(keys, method, module)))
+            done.update(inputs)
         groups.extend(Group((key,), (key,), dict) for key in spec if key not in done)
         return groups
 
     def _shear(self, keys: tuple[str, str, str], method: LoRA, module: str):
         weight_key, key_a, key_b = keys
         sign = -1 if self.unmerge else 1
+        scale = self.config.scale_of(module)
+        with_bias = self.config.params.lora_bias
 
         def fn(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-            merged = method._merged(module, tensors[weight_key], tensors[key_a], tensors[key_b], sign=sign)
-            return {weight_key: merged, key_a: tensors[key_a], key_b: tensors[key_b]}
+            weight = tensors[weight_key]
+            result = dict(tensors)
+            result[weight_key] = method._merged(module, weight, tensors[key_a], tensors[key_b], sign=sign)
+            if with_bias:
+                bias_key, lora_bias_key = _leaf_key(module, "bias"), _leaf_key(module, "lora_bias")
+                bias = tensors.get(bias_key)
+                dtype = bias.dtype if bias is not None else weight.dtype
+                result[bias_key] = merge_bias(bias, tensors[lora_bias_key], scale, dtype, sign=sign)
+            return result
 
         return fn
 
