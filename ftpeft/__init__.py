@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from . import arithmetic, io, maps, multi
 from .forward import functional_forward
 from .methods import (
     AnyPeftConfig,
@@ -24,6 +25,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AnyPeftConfig",
+    "arithmetic",
+    "io",
+    "maps",
+    "multi",
     "FullTune",
     "FullTuneConfig",
     "LoRA",
