@@ -7,7 +7,9 @@ the causal language-modelling loss. The contenders run interleaved in one
 process (A B C A B C ...), and the script prints the median of --runs timed
 steps after --warmup untimed ones, and the ratios.
 
-- ftpeft: `torch.func.grad` of the loss through `functional_forward`;
+- ftpeft: `functional_forward` with the trainable leaves requiring grad,
+  then `loss.backward()`, as a training loop with `torch.optim` runs it;
+- ftpeft func.grad: `torch.func.grad` of the same loss;
 - peft: `get_peft_model`, then `loss.backward()`;
 - limit: the same model with every parameter frozen and gradients only for
   the input embeddings, which no adapter method can beat.
@@ -48,7 +50,7 @@ def build_model():
     return transformers.LlamaForCausalLM(config)
 
 
-def ftpeft_step(model, dropout: float, compile_graph: bool):
+def ftpeft_step(model, dropout: float, compile_graph: bool, use_func_grad: bool = False):
     from ftpeft import LoRAConfig, LoRAParameters, functional_forward, peft_method_from_config, split_trainable
 
     method = peft_method_from_config(LoRAConfig(module_name_pattern=TARGETS, params=LoRAParameters(r=16, alpha=32, dropout=dropout)))
@@ -59,13 +61,19 @@ def ftpeft_step(model, dropout: float, compile_graph: bool):
     def loss(trainable, frozen, ids):
         return fn((trainable, frozen), input_ids=ids, labels=ids).loss
 
-    grad = torch.func.grad(loss)
-    if compile_graph:
-        grad = torch.compile(grad)
+    if use_func_grad:
+        grad = torch.func.grad(loss)
+        if compile_graph:
+            grad = torch.compile(grad)
+        return lambda ids: grad(trainable, frozen, ids)
+
+    leaves = {k: v.clone().requires_grad_() for k, v in trainable.items()}
+    forward = torch.compile(loss) if compile_graph else loss
 
     def step(ids):
-        grads = grad(trainable, frozen, ids)
-        return grads
+        forward(leaves, frozen, ids).backward()
+        for leaf in leaves.values():
+            leaf.grad = None
 
     return step
 
@@ -122,7 +130,11 @@ def main() -> None:
             "peft compiled": peft_step(model, args.dropout, True),
         }
     else:
-        contenders = {"ftpeft": ftpeft_step(model, args.dropout, False), "peft": peft_step(model, args.dropout, False)}
+        contenders = {
+            "ftpeft": ftpeft_step(model, args.dropout, False),
+            "peft": peft_step(model, args.dropout, False),
+            "ftpeft func.grad": ftpeft_step(model, args.dropout, False, use_func_grad=True),
+        }
         if args.dropout == 0:
             contenders["limit"] = limit_step(model)
 
@@ -142,6 +154,8 @@ def main() -> None:
     names = list(medians)
     for other in names[1:]:
         print(f"{names[0]} / {other}: {medians[names[0]] / medians[other]:.3f}")
+    if "peft" in medians:
+        print(f"ftpeft func.grad / peft: {medians['ftpeft func.grad'] / medians['peft']:.3f}")
     if args.compile:
         print(f"ftpeft compiled / peft compiled: {medians['ftpeft compiled'] / medians['peft compiled']:.3f}")
 
