@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from . import arithmetic, io, maps, multi
 from .forward import functional_forward
+from .meta import parameters_on_meta
 from .methods import (
     AnyPeftConfig,
     FullTune,
@@ -43,6 +44,7 @@ __all__ = [
     "combine",
     "config_from_json",
     "functional_forward",
+    "parameters_on_meta",
     "peft_method_from_config",
     "select",
     "spec_of",

@@ -44,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, ValueError, KeyError) as error:
         message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
+        # Library messages name the Python argument; on the command line the flag does the same job.
+        message = message.replace("Pass key_map=replace_prefix(old, new)", "Pass --rename-prefix OLD=NEW")
         print(f"ftpeft {options.command}: error: {message}", file=sys.stderr)
         return 1
     return 0
@@ -51,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ftpeft", description="Parameter-efficient fine-tuning as pure functions over parameter trees.")
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"ftpeft {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.add_parser("demo", help="fine-tune the bundled MiniLM sentence encoder with LoRA end to end (ftpeft demo --help)")
 
@@ -123,6 +128,8 @@ def _merge(options: argparse.Namespace) -> None:
         raise UserError(f"base checkpoint directory {str(options.base)!r} does not exist.")
     if options.out.resolve() == options.base.resolve():
         raise UserError("OUT_DIR must differ from BASE_DIR, so that the base checkpoint is never overwritten.")
+    if options.out.is_dir() and any(options.out.glob("*.safetensors")) or (options.out / "model.safetensors.index.json").exists():
+        raise UserError(f"OUT_DIR {str(options.out)!r} already contains a checkpoint; choose a new or empty directory.")
     spec = checkpoint_spec(options.base)
     config, adapter = _read_adapter(options.adapter, base=spec, key_map=_key_map(options.rename_prefix))
     method = peft_method_from_config(config)
@@ -205,15 +212,27 @@ def _inspect_adapter(path: Path) -> None:
         print(f"fully trained tensors: {', '.join(others)}")
 
 
+# Fields of a PEFT adapter_config.json that ftpeft's layout has no place for, kept beside it by convert.
+PEFT_EXTRA_NAME = "peft_extra.json"
+
+
 def _convert(options: argparse.Namespace) -> None:
     from .io import read_hf_peft_config, save_adapter, save_hf_peft_adapter
 
+    if options.target.resolve() == options.source.resolve():
+        raise UserError("TARGET_DIR must differ from SOURCE_DIR, so that the source adapter is never overwritten.")
     config, adapter = _read_adapter(options.source)
+    from_peft = (options.source / "adapter_config.json").is_file()
+    extra = read_hf_peft_config(options.source).extra if from_peft else None
     if options.to == "peft":
-        extra = read_hf_peft_config(options.source).extra if (options.source / "adapter_config.json").is_file() else None
+        kept = options.source / PEFT_EXTRA_NAME
+        if extra is None and kept.is_file():
+            extra = json.loads(kept.read_text())
         save_hf_peft_adapter(options.target, config, adapter, extra=extra)
     else:
         save_adapter(options.target, config, adapter)
+        if extra:
+            (options.target / PEFT_EXTRA_NAME).write_text(json.dumps(extra, indent=2, sort_keys=True) + "\n")
     print(f"wrote {options.to} adapter with {len(adapter)} tensors to {options.target}")
 
 

@@ -231,6 +231,7 @@ def functional_forward(model: nn.Module, method: PeftMethod | None = None) -> Ca
         for name, buffer in module_buffers.items():
             if not any(alias in params for alias in tied[name]):
                 params[name] = buffer
+        _check_meta_buffers(params, module_buffers)
         for name in module_buffers:
             if name in params:
                 params[name] = params[name].clone()
@@ -256,6 +257,17 @@ def functional_forward(model: nn.Module, method: PeftMethod | None = None) -> Ca
             return functional_call(model, params, args, kwargs, tie_weights=False)
 
     return fn
+
+
+def _check_meta_buffers(params: Mapping[str, Any], module_buffers: Mapping[str, torch.Tensor]) -> None:
+    # A meta buffer has no values, and some ops silently read garbage from it instead of failing.
+    empty = sorted(name for name in module_buffers if params[name] is module_buffers[name] and module_buffers[name].is_meta)
+    if empty:
+        raise ValueError(
+            f"The model's buffer(s) {', '.join(repr(k) for k in empty[:5])} are on the meta device and the tree has "
+            "no value for them. Add them to the tree, or build the model with ftpeft.parameters_on_meta(), which "
+            "keeps buffers real while parameters go to meta."
+        )
 
 
 def _as_tree(tree: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> Tree:

@@ -136,3 +136,43 @@ def test_corrupt_checkpoint_is_one_line(checkpoint):
     assert result.returncode == 1
     assert "truncated" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_merge_refuses_existing_checkpoint_directory(checkpoint):
+    root, _ = checkpoint
+
+    assert main(["merge", str(root / "base"), str(root / "adapter"), str(root / "out")]) == 0
+    result = run_command("merge", root / "base", root / "adapter", root / "out")
+
+    assert result.returncode == 1
+    assert "already contains a checkpoint" in result.stderr
+
+
+def test_convert_keeps_peft_fields_and_refuses_same_folder(checkpoint):
+    root, _ = checkpoint
+    config_path = root / "adapter" / "adapter_config.json"
+    data = json.loads(config_path.read_text())
+    data.update(base_model_name_or_path="my-org/tiny-llama", task_type="CAUSAL_LM", init_lora_weights=False)
+    config_path.write_text(json.dumps(data))
+
+    assert main(["convert", str(root / "adapter"), str(root / "ours"), "--to", "ftpeft"]) == 0
+    assert main(["convert", str(root / "ours"), str(root / "back"), "--to", "peft"]) == 0
+    same = run_command("convert", root / "adapter", root / "adapter", "--to", "peft")
+
+    back = json.loads((root / "back" / "adapter_config.json").read_text())
+    assert back["base_model_name_or_path"] == "my-org/tiny-llama"
+    assert back["task_type"] == "CAUSAL_LM"
+    assert back["init_lora_weights"] is False
+    assert same.returncode == 1
+    assert "must differ" in same.stderr
+
+
+def test_version_and_non_safetensors_file(checkpoint):
+    root, _ = checkpoint
+
+    version = run_command("--version")
+    wrong_file = run_command("inspect", root / "adapter" / "adapter_config.json")
+
+    assert version.stdout.startswith("ftpeft ")
+    assert wrong_file.returncode == 1
+    assert "is not a safetensors file" in wrong_file.stderr

@@ -134,3 +134,16 @@ def test_peft_method_from_config_dispatches_on_kind():
 def test_peft_method_from_config_rejects_other_types():
     with pytest.raises(TypeError, match="config_from_json"):
         peft_method_from_config({"kind": "lora"})
+
+
+@pytest.mark.parametrize(
+    ("build", "hint"),
+    [
+        (lambda: LoRAConfig(target_modules=["q"]), "module_name_pattern"),
+        (lambda: LoRAParameters(lora_alpha=4), "calls it alpha"),
+        (lambda: LoRAConfig(module_name_pattern="x", r=4), "params.r"),
+    ],
+)
+def test_peft_field_names_point_to_ours(build, hint):
+    with pytest.raises(ValidationError, match=hint):
+        build()

@@ -373,3 +373,22 @@ def test_conv1d_without_fan_in_fan_out_is_rejected():
         functional_forward(model, lora(r".*"))
     with pytest.raises(ValueError, match="nn.Linear.*fan_in_fan_out=False"):
         functional_forward(nn.Linear(4, 6), lora(r".*", fan_in_fan_out=True))
+
+
+def test_meta_buffer_without_value_is_named():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2, vocab_size=20)
+    real = transformers.BertModel(config).eval()
+    with torch.device("meta"):
+        meta = transformers.BertModel(config).eval()
+    ids = torch.tensor([[1, 2, 3]])
+
+    with pytest.raises(ValueError, match="'embeddings.position_ids'.*parameters_on_meta"):
+        functional_forward(meta)(state_of(real), input_ids=ids)
+
+    from ftpeft import parameters_on_meta
+
+    with parameters_on_meta():
+        planned = transformers.BertModel(config).eval()
+    out = functional_forward(planned)(state_of(real), input_ids=ids).last_hidden_state
+    torch.testing.assert_close(out, real(input_ids=ids).last_hidden_state)

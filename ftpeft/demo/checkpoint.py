@@ -8,18 +8,19 @@ which the forward wrapper passes to ``torch.func.functional_call``.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import importlib.resources
 import json
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
+
+from ..meta import parameters_on_meta
 
 try:
     # huggingface_hub 1.x validates config fields and raises this, not ValueError.
@@ -201,38 +202,6 @@ def _family_of(model_type: Any) -> ModelFamily | None:
         if model_type in family.model_types:
             return family
     return None
-
-
-@contextlib.contextmanager
-def parameters_on_meta() -> Iterator[None]:
-    """Put every parameter registered inside the block on the ``meta`` device; buffers stay real.
-
-    ``nn.Module.register_parameter`` (which ``module.weight = Parameter(...)``
-    also goes through) is patched for the duration of the block, so each
-    parameter is replaced by a meta tensor of the same class, shape and dtype
-    as soon as it is registered. Initialisers that run afterwards touch meta
-    tensors only. Buffers are untouched, so non-persistent ones that no
-    checkpoint contains (BERT's ``position_ids``, Llama's rotary ``inv_freq``)
-    keep the values the module computed for them.
-
-    NOTE: a layer's constructor still allocates its parameter with
-    ``torch.empty`` before registering it. That memory is freed at once and,
-    being uninitialised, is never written, so the peak stays about one layer.
-    The patch is process-wide while the block runs, so do not build modules
-    in other threads meanwhile.
-    """
-    original = nn.Module.register_parameter
-
-    def register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        if param is not None and not param.is_meta:
-            param = type(param)(param.to("meta"), requires_grad=param.requires_grad)
-        original(module, name, param)
-
-    nn.Module.register_parameter = register_on_meta  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = original  # type: ignore[method-assign]
 
 
 def build_on_meta(checkpoint: Checkpoint) -> nn.Module:

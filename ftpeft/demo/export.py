@@ -32,7 +32,8 @@ __all__ = [
 ]
 
 ADAPTER_FILE = "adapter.safetensors"
-ADAPTER_CONFIG_FILE = "lora_config.json"
+# The name ftpeft.io.load_adapter and the ftpeft command look for, so the output works with `ftpeft merge`.
+ADAPTER_CONFIG_FILE = "ftpeft_config.json"
 MERGED_FILE = "model.safetensors"
 
 # Files copied from the input checkpoint so that the output directory is a

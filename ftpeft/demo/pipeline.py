@@ -204,9 +204,9 @@ def _plan(checkpoint: Checkpoint, options: DemoOptions, report: Report) -> _Plan
 def _load(checkpoint: Checkpoint, model: nn.Module, report: Report) -> LoadedWeights:
     loaded = load_weights(checkpoint, model)
     file_names = ", ".join(path.name for path in loaded.files)
-    report(f"  Read {len(loaded.tree)} tensors from {file_names}; floating-point tensors are float32.")
+    report(f"  Loaded the {len(loaded.tree)} tensors the model uses from {file_names}; floating-point tensors are float32.")
     if loaded.module_buffers:
-        report(f"  Buffers not in the checkpoint keep the values the module computed: {', '.join(loaded.module_buffers)}.")
+        report(f"  Non-persistent buffers keep the values the module computed: {', '.join(loaded.module_buffers)}.")
     if loaded.unused_keys:
         report(f"  Checkpoint tensors the base model does not use (kept in the merged file): {_preview(loaded.unused_keys)}.")
     return loaded
@@ -270,8 +270,8 @@ def _report_results(before: RetrievalScores, after: RetrievalScores, trainable_c
 def _report_merge_check(check: _MergeCheck, report: Report) -> None:
     """Report the merge check; raise :class:`MergeCheckError` if it exceeds the tolerance."""
     report(
-        f"  Max |merged - adapted| over the held-out last hidden states: {check.difference:.2e}, "
-        f"{check.relative_difference:.1e} of their max magnitude {check.scale:.2f} (tolerance {MERGE_TOLERANCE:.0e})."
+        f"  Merged vs adapted outputs on the held-out set: relative difference {check.relative_difference:.1e} "
+        f"(tolerance {MERGE_TOLERANCE:.0e}); max |merged - adapted| {check.difference:.2e} for hidden states up to {check.scale:.2f}."
     )
     report(f"  For scale, the trained adapters move those hidden states by up to {check.adapter_change:.3f}.")
     if not check.relative_difference <= MERGE_TOLERANCE:

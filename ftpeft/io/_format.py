@@ -85,7 +85,12 @@ def read_header(file: str | os.PathLike) -> Header:
         if len(prefix) < 8:
             raise CheckpointError(f"{str(file)!r} is not a safetensors file: it is only {size} bytes long.")
         (length,) = struct.unpack("<Q", prefix)
-        if length > _MAX_HEADER or 8 + length > size:
+        if length > _MAX_HEADER:
+            raise CheckpointError(
+                f"{str(file)!r} is not a safetensors file: its first 8 bytes do not give a plausible header length. "
+                "Pass a .safetensors file or a checkpoint directory."
+            )
+        if 8 + length > size:
             raise CheckpointError(
                 f"{str(file)!r} is truncated or corrupt: its header claims {length} bytes but the file has {size}."
             )

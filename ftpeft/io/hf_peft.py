@@ -274,6 +274,7 @@ def read_hf_peft_config(directory: str | os.PathLike) -> HFPeftConfig:
     )
     extra = {key: raw[key] for key in raw if key not in _SUPPORTED}
     extra["target_modules"] = targets
+    extra["init_lora_weights"] = init
     return HFPeftConfig(lora, tuple(raw.get("modules_to_save") or ()), extra)
 
 
@@ -504,8 +505,10 @@ def _config_json(lora: LoRAConfig, saved_modules: list[str], extra: Mapping[str,
         "use_rslora": params.use_rslora,
     }
     for key, value in extra.items():
-        if key not in ("target_modules",) and key not in _SUPPORTED:
+        if key not in _SUPPORTED:
             data[key] = value
+    if "init_lora_weights" in extra:
+        data["init_lora_weights"] = extra["init_lora_weights"]
     data["inference_mode"] = True
     data["peft_type"] = "LORA"
     return data

@@ -11,9 +11,9 @@ Each hyperparameter is documented once, on its field.
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
 
 __all__ = [
     "AnyPeftConfig",
@@ -37,8 +37,38 @@ _PATTERN_HELP = (
 ModulePattern = Union[str, list[str]]
 
 
+# Hugging Face PEFT's names for fields that ftpeft names otherwise, so a config
+# written from memory of PEFT gets a pointer instead of a bare "extra input" error.
+_PEFT_NAMES = {
+    "lora_alpha": "params.alpha",
+    "lora_dropout": "params.dropout",
+    "target_modules": "module_name_pattern",
+    "init_lora_weights": "params.init",
+    "r": "params.r",
+    "use_rslora": "params.use_rslora",
+    "fan_in_fan_out": "params.fan_in_fan_out",
+    "lora_bias": "params.lora_bias",
+    "modules_to_save": "a FullTuneConfig in a PeftStackConfig",
+}
+
+
 class _Config(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _point_from_peft_names(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            own = set(cls.model_fields)
+            for name, ours in _PEFT_NAMES.items():
+                if name in data and name not in own:
+                    if ours.startswith("params.") and "params" not in own and ours.removeprefix("params.") in own:
+                        ours = ours.removeprefix("params.")
+                    raise ValueError(
+                        f"{cls.__name__} has no field {name!r}, which is Hugging Face PEFT's name; ftpeft calls it {ours}. "
+                        "To read a PEFT adapter folder use ftpeft.io.load_hf_peft_adapter."
+                    )
+        return data
 
 
 def _check_pattern(value: ModulePattern) -> ModulePattern:
