@@ -1,9 +1,9 @@
 """B4: peak memory of one training step (B1's workload), ftpeft against peft.
 
-Each contender runs in a fresh Python process: it builds the model and its
+Each contender runs in a fresh Python process. It builds the model and its
 adapters, resets the peak resident set size (VmHWM), runs two steps and
-reports the peak above the resident size just before the first step: the
-activations, gradients and temporaries of a step.
+reports the peak above the resident size just before the first step, which
+is what the activations, gradients and temporaries of a step cost.
 
 Usage: python benchmarks/train_memory.py [--batch 4] [--seq 256]
 """

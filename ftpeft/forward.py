@@ -183,9 +183,9 @@ def functional_forward(model: nn.Module, method: PeftMethod | None = None) -> Ca
     up the tree's leaves, so ``fn`` works under ``torch.func.grad``,
     ``torch.func.vmap`` and ``torch.compile(fullgraph=True)``. The model's
     parameters, buffers and flags are the same after every call, and so are
-    the tree's tensors: the model's buffers are passed as copies, so a layer
-    that updates a buffer in place (BatchNorm's running statistics in
-    training mode) updates a copy, which is then discarded.
+    the tree's tensors. Buffers are passed as copies, so a layer that updates
+    a buffer in place (BatchNorm's running statistics in training mode)
+    updates a copy, which is then discarded.
 
     ``fn`` takes ``tree``, one mapping or a tuple or list of disjoint
     mappings such as ``(trainable, frozen)``, then the model's own inputs.

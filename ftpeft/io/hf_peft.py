@@ -198,7 +198,7 @@ _UNSUPPORTED_DEFAULTS: dict[str, Any] = {
 
 @dataclasses.dataclass(frozen=True)
 class HFPeftConfig:
-    """What ``adapter_config.json`` says, split into what ftpeft uses and what it keeps aside."""
+    """The content of ``adapter_config.json``, split into what ftpeft uses and what it keeps aside."""
 
     lora: LoRAConfig
     modules_to_save: tuple[str, ...]
@@ -426,7 +426,7 @@ def save_hf_peft_adapter(
     forward_map = key_map.inverse() if key_map is not None else identity
     on_disk = compose(forward_map, HFPeftKeys(to_disk=True))(keys_in_tree, passthrough=True)
 
-    # modules_to_save names the modules as PEFT sees them, so take them from the on-disk keys.
+    # modules_to_save names the modules by PEFT's paths, so take them from the on-disk keys.
     saved_modules = sorted(
         {module_path(key[len(_PREFIX) :]) for key in on_disk if not (_LORA_ON_DISK.fullmatch(key) or _LORA_BIAS_ON_DISK.fullmatch(key))}
     )

@@ -130,10 +130,10 @@ def merge_bias(bias: torch.Tensor | None, lora_bias: torch.Tensor, scale: float,
 class LoRA(PeftMethod):
     """LoRA on the 2-D floating-point ``weight`` of every matched module.
 
-    For a weight ``W`` of shape ``(out, in)``, :meth:`inject` adds
+    For a weight ``W`` of shape ``(out, in)``, ``inject`` adds
     ``<module>.lora_A`` of shape ``(r, in)`` and ``<module>.lora_B`` of shape
-    ``(out, r)``; the adapted weight is ``W + s * B @ A`` with
-    ``s = alpha / r`` (``alpha / sqrt(r)`` with rsLoRA). A starts
+    ``(out, r)``. The adapted weight is ``W + s * B @ A`` with
+    ``s = alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA. A starts
     kaiming-uniform (or gaussian) and B at zero, so a fresh adapter changes
     nothing. Adapter leaves are float32 when the base weight is float16 or
     bfloat16, and take the base weight's dtype otherwise. With
