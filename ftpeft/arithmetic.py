@@ -13,10 +13,10 @@ source's scale, rsLoRA and per-module rank and alpha included. The output's
 ``module_name_pattern`` is an alternation of the adapted module paths, which
 matches exactly those modules.
 
-Merges that act elementwise (:func:`ties_merge`, :func:`dare_merge`) return
+Merges that act elementwise (``ties_merge``, ``dare_merge``) return
 dense deltas keyed by weight key, because their result is in general of full
-rank. :func:`deltas_to_lora` turns dense deltas back into a low-rank adapter
-at a rank the caller chooses, and :func:`add_deltas` adds them to a base tree.
+rank. ``deltas_to_lora`` turns dense deltas back into a low-rank adapter
+at a rank the caller chooses, and ``add_deltas`` adds them to a base tree.
 """
 
 from __future__ import annotations
@@ -124,7 +124,7 @@ def scale_adapter(config: LoRAConfig, adapter: Mapping[str, torch.Tensor], facto
     ftpeft transform that leaves a leaf unchanged.
 
     Raises:
-        ValueError: if the adapter does not fit the config (see :func:`dense_deltas`).
+        ValueError: if the adapter does not fit the config (see ``dense_deltas``).
     """
     modules = _lora_pairs(config, adapter, "the adapter")
 
@@ -208,7 +208,7 @@ def dense_deltas(config: LoRAConfig, adapter: Mapping[str, torch.Tensor]) -> Tre
     ``<module>.weight`` maps to ``s * B @ A`` of shape ``(out, in)``, or to
     its transpose with ``fan_in_fan_out``, so each delta has the shape of the
     stored weight and adds to it directly. Deltas are computed in float32, or
-    in the adapter's dtype if that is wider, as :meth:`ftpeft.LoRA.merge`
+    in the adapter's dtype if that is wider, as ``merge``
     computes them.
 
     Raises:
@@ -226,7 +226,7 @@ def ties_merge(
     """Merge adapters with TIES-merging (trim, elect sign, disjoint mean) on their dense updates.
 
     For each weight key, let ``d_i = w_i * delta_i`` be the weighted dense
-    update of source ``i`` (see :func:`dense_deltas`). A source that does not
+    update of source ``i`` (see ``dense_deltas``). A source that does not
     adapt the module takes no part. The merge has three steps:
 
     1. Trim: keep the entries of ``d_i`` whose magnitude is at least the
@@ -242,8 +242,8 @@ def ties_merge(
 
     The result is a dense delta per weight key, not a low-rank adapter,
     because trimming entries one by one destroys the low-rank structure.
-    Add it to a base tree with :func:`add_deltas`, or re-factor it with
-    :func:`deltas_to_lora` at a rank of your choice.
+    Add it to a base tree with ``add_deltas``, or re-factor it with
+    ``deltas_to_lora`` at a rank of your choice.
 
     Args:
         sources: ``(config, adapter)`` pairs. Their ``fan_in_fan_out`` may
@@ -290,7 +290,7 @@ def dare_merge(
         sum_i w_i * (m_i * delta_i) / (1 - p)
 
     where ``delta_i`` is source ``i``'s dense update (see
-    :func:`dense_deltas`), ``p`` is ``drop_probability`` and ``m_i`` is a
+    ``dense_deltas``), ``p`` is ``drop_probability`` and ``m_i`` is a
     random 0/1 mask that keeps each entry with probability ``1 - p``. The
     rescaling by ``1 / (1 - p)`` keeps the expected value of each term equal
     to ``w_i * delta_i``. A source that does not adapt the module takes no
@@ -303,7 +303,7 @@ def dare_merge(
     in float32. An entry is kept where that draw is ``>= p``. Without a
     generator the draws come from PyTorch's global CPU generator.
 
-    The result is dense, as with :func:`ties_merge` and for the same reason.
+    The result is dense, as with ``ties_merge`` and for the same reason.
 
     Args:
         sources: ``(config, adapter)`` pairs.
@@ -350,15 +350,15 @@ def deltas_to_lora(
     dtype if that is wider.
 
     Args:
-        deltas: dense deltas keyed by weight key, as :func:`ties_merge`,
-            :func:`dare_merge` and :func:`dense_deltas` return them.
+        deltas: dense deltas keyed by weight key, as ``ties_merge``,
+            ``dare_merge`` and ``dense_deltas`` return them.
         rank: the maximum rank per module, at least 1.
         fan_in_fan_out: True when the weights are stored ``(in, out)``.
 
     Returns:
         A new ``(config, adapter)``. The leaves are float32 for float16 and
         bfloat16 deltas and keep the delta's dtype otherwise, as
-        :meth:`ftpeft.LoRA.inject` chooses them.
+        ``inject`` chooses them.
 
     Raises:
         ValueError: if ``rank`` is not a positive integer, a key does not end
@@ -395,7 +395,7 @@ def add_deltas(tree: Mapping[str, torch.Tensor], deltas: Mapping[str, torch.Tens
     """Return a new tree with each delta added to the weight of the same key.
 
     The sum is computed in the delta's precision and rounded once to the
-    weight's dtype, as :meth:`ftpeft.LoRA.merge` rounds it. Keys without a
+    weight's dtype, as ``merge`` rounds it. Keys without a
     delta keep the caller's tensors.
 
     Raises:

@@ -1,6 +1,6 @@
 """Run a model on a tree, with adapters applied to the weights a method targets.
 
-:func:`functional_forward` passes the base tensors to
+``functional_forward`` passes the base tensors to
 ``torch.func.functional_call`` and, while the model runs, a
 ``TorchFunctionMode`` watches the targeted weights:
 

@@ -3,9 +3,9 @@
 Two ways to run one base model with several adapters of the same method:
 
 - every adapter on the same inputs: stack the adapters with
-  :func:`stack_adapters` and map the forward over the new leading dimension,
+  ``stack_adapters`` and map the forward over the new leading dimension,
   ``torch.func.vmap(lambda adapter: fn((adapter, frozen), x))(stacked)``;
-- each sample with its own adapter, or with none: :func:`mixed_forward`.
+- each sample with its own adapter, or with none: ``mixed_forward``.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def stack_adapters(adapters: Sequence[Mapping[str, torch.Tensor]]) -> Tree:
 
 
 def unstack_adapters(stacked: Mapping[str, torch.Tensor]) -> list[Tree]:
-    """Split a stacked tree along dimension 0 into one adapter per index; the inverse of :func:`stack_adapters`.
+    """Split a stacked tree along dimension 0 into one adapter per index; the inverse of ``stack_adapters``.
 
     Raises:
         ValueError: if the leaves differ in the size of dimension 0.
@@ -115,7 +115,7 @@ def mixed_forward(model: nn.Module, method: PeftMethod) -> Callable[..., Any]:
 
     Raises:
         ValueError: if the method does not fit the model, as in
-            :func:`ftpeft.functional_forward`.
+            ``functional_forward``.
     """
     adapted_forward = functional_forward(model, method)
     base_forward = functional_forward(model)

@@ -2,7 +2,7 @@
 
 A tree is a flat ``dict[str, Tensor]`` with dotted keys, as
 ``nn.Module.state_dict()`` returns it (``layers.0.q_proj.weight``). A spec
-tree has the same keys with :class:`TensorSpec` leaves, so every method can
+tree has the same keys with ``TensorSpec`` leaves, so every method can
 plan on shapes alone. Leaves are handled through optree, so a tree may also
 hold specs, meta tensors or functorch-wrapped tensors without special cases.
 """

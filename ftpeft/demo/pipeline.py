@@ -1,6 +1,6 @@
 """The demo's five steps: plan on meta, load, train, report, merge and save.
 
-:func:`run_demo` does the work and hands each line of output to a
+``run_demo`` does the work and hands each line of output to a
 ``report`` callable, so the command decides where the lines go.
 """
 
@@ -268,7 +268,7 @@ def _report_results(before: RetrievalScores, after: RetrievalScores, trainable_c
 
 
 def _report_merge_check(check: _MergeCheck, report: Report) -> None:
-    """Report the merge check; raise :class:`MergeCheckError` if it exceeds the tolerance."""
+    """Report the merge check; raise ``MergeCheckError`` if it exceeds the tolerance."""
     report(
         f"  Merged vs adapted outputs on the held-out set: relative difference {check.relative_difference:.1e} "
         f"(tolerance {MERGE_TOLERANCE:.0e}); max |merged - adapted| {check.difference:.2e} for hidden states up to {check.scale:.2f}."

@@ -92,7 +92,7 @@ class RetrievalScores:
     accuracy: float
     #: Mean reciprocal rank of the own pair among all partners.
     mrr: float
-    #: :func:`contrastive_loss` with all pairs in one batch.
+    #: ``contrastive_loss`` with all pairs in one batch.
     loss: float
 
 
@@ -139,7 +139,7 @@ def train_adapters(
 ) -> list[float]:
     """Train the ``trainable`` leaves for ``steps`` batches and return the loss of each step.
 
-    Each step computes ``torch.func.grad`` of :func:`contrastive_loss` with
+    Each step computes ``torch.func.grad`` of ``contrastive_loss`` with
     respect to ``trainable`` only, stores each gradient as the ``.grad`` of its
     tensor and takes one AdamW step (weight decay 0). The optimizer updates the
     tensors of ``trainable`` in place, so the dict contains the trained values

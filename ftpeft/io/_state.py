@@ -98,7 +98,7 @@ def checkpoint_spec(path: str | os.PathLike) -> dict[str, TensorSpec]:
 class StateStream:
     """An iterator of trees that states up front every key, shape and dtype it will yield, in order.
 
-    :func:`save_state` uses ``spec`` to write each shard's header first and
+    ``save_state`` uses ``spec`` to write each shard's header first and
     then each tensor as it arrives, so nothing waits in memory for a shard
     to fill.
     """
@@ -128,7 +128,7 @@ def iter_state(
     Each yielded tree contains one dependency group's outputs. The group's
     inputs are read from the files that hold them, converted, and dropped
     before the next group is read. The returned stream knows its output
-    spec up front, so piping it into :func:`save_state` converts a
+    spec up front, so piping it into ``save_state`` converts a
     checkpoint in memory bounded by the largest group.
 
     Args:
@@ -196,7 +196,7 @@ def load_state(
     """Load a checkpoint, through a map, into one tree.
 
     Reads a ``.safetensors`` file or a sharded Hugging Face directory, group
-    by group (see :func:`iter_state`). Only the files the index names, and
+    by group (see ``iter_state``). Only the files the index names, and
     only the ones the map's groups need, are opened.
 
     Args:
@@ -281,7 +281,7 @@ def save_state(
     Args:
         path: the output directory (created if needed).
         tree_or_iterable: one tree, or an iterable of trees such as
-            :func:`iter_state` yields.
+            ``iter_state`` yields.
         map: applied before writing (to each tree of an iterable).
         shard_size: the largest shard, in bytes or as a string such as ``"2GB"``.
         metadata: extra string metadata for every shard header, besides ``format: pt``.

@@ -35,7 +35,7 @@ def is_ftpeft_adapter(directory: str | os.PathLike) -> bool:
 
 
 def load_adapter(directory: str | os.PathLike):
-    """Read a folder written by :func:`save_adapter`; return ``(config, adapter)``.
+    """Read a folder written by ``save_adapter``; return ``(config, adapter)``.
 
     Raises:
         FileNotFoundError: naming the missing file.

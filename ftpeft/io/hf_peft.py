@@ -1,7 +1,7 @@
 """Hugging Face PEFT adapter folders: ``adapter_config.json`` + ``adapter_model.safetensors``.
 
 On disk PEFT names LoRA leaves ``base_model.model.<path>.lora_A.weight``;
-ftpeft names them ``<path>.lora_A``. :class:`HFPeftKeys` translates one way
+ftpeft names them ``<path>.lora_A``. ``HFPeftKeys`` translates one way
 and its inverse the other, so saving is the inverse of loading. Facts about
 the format were checked against peft 0.21.2.
 """
@@ -305,7 +305,7 @@ def load_hf_peft_adapter(
 ) -> tuple[LoRAConfig | PeftStackConfig, Tree]:
     """Read a PEFT LoRA adapter folder as an ftpeft config and adapter tree.
 
-    The keys go through :class:`HFPeftKeys`, then the removal of every
+    The keys go through ``HFPeftKeys``, then the removal of every
     ``_orig_mod`` segment and of a leading ``module`` segment, then
     ``key_map`` (for example ``replace_prefix("model", "language_model.model")``).
     ``modules_to_save`` parameters become a FullTune member of a stack.
@@ -410,11 +410,11 @@ def save_hf_peft_adapter(
             FullTune members, whose trained leaves become ``modules_to_save``.
         adapter: the adapter leaves: ``<path>.lora_A``/``lora_B`` and the
             FullTune members' parameters.
-        key_map: the map that was given to :func:`load_hf_peft_adapter`;
+        key_map: the map that was given to ``load_hf_peft_adapter``;
             its inverse is applied before PEFT's names.
         extra: more ``adapter_config.json`` fields, for example
             ``{"base_model_name_or_path": "..."}`` or the ``extra`` of
-            :func:`read_hf_peft_config` to write back what was read.
+            ``read_hf_peft_config`` to write back what was read.
 
     Returns:
         The folder.

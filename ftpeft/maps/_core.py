@@ -128,7 +128,7 @@ class StateMap(abc.ABC):
 
     @abc.abstractmethod
     def _plan(self, spec: Mapping[str, TensorSpec]) -> list[Group]:
-        """Return the groups over the keys :meth:`reads` returns; check that they exist."""
+        """Return the groups over the keys ``reads`` returns; check that they exist."""
 
     @abc.abstractmethod
     def inverse(self) -> StateMap:

@@ -66,7 +66,7 @@ class RegexRename(StateMap):
     """Rename every key that ``pattern`` fullmatches to ``match.expand(replacement)``.
 
     The inverse is the rename from ``inverse_pattern`` to
-    ``inverse_replacement``. :func:`regex_rename` derives it when the pattern
+    ``inverse_replacement``. ``regex_rename`` derives it when the pattern
     is literal text and capture groups, each group used once in the
     replacement. Applying either direction checks that the rename is one to
     one on the keys it meets and that the inverse brings each key back.

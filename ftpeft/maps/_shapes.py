@@ -186,7 +186,7 @@ class Cast(_PerKey):
 
     A cast is invertible only when it widens (every ``from_dtype`` value fits
     ``dtype`` exactly); its inverse then narrows back without loss. A
-    narrowing cast's :meth:`inverse` raises, because the values it rounded
+    narrowing cast's ``inverse`` raises, because the values it rounded
     cannot be restored. Without ``from_dtype`` the inverse is unknown.
     """
 

@@ -54,7 +54,7 @@ class Shard(StateMap):
 
 @dataclasses.dataclass(frozen=True)
 class _ShardInverse(StateMap):
-    """The inverse of a :class:`Shard`: the inner inverse, on one worker's output."""
+    """The inverse of a ``Shard``: the inner inverse, on one worker's output."""
 
     inner: StateMap
     count: int

@@ -44,7 +44,7 @@ class WeightAdapter(abc.ABC):
     def add_to_output(self, x: torch.Tensor, output: torch.Tensor, training: bool) -> torch.Tensor | None:
         """Return ``output`` (the base op's result) plus this adapter's part, or None to fall back.
 
-        The default adds :meth:`linear_delta`; an adapter may fuse the
+        The default adds ``linear_delta``; an adapter may fuse the
         addition into its last matmul.
         """
         delta = self.linear_delta(x, training)
@@ -56,7 +56,7 @@ class PeftMethod(abc.ABC):
 
     No method mutates its inputs: each returns a new dict, and the leaves it
     does not change are the caller's own tensor objects. A tree may hold
-    tensors or :class:`~ftpeft.TensorSpec` leaves; with specs, methods plan
+    tensors or ``TensorSpec`` leaves; with specs, methods plan
     (check targets, return shapes) and allocate nothing.
     """
 
@@ -92,7 +92,7 @@ class PeftMethod(abc.ABC):
 
     @abc.abstractmethod
     def unmerge(self, merged: Mapping[str, Any], adapter: Mapping[str, Any]) -> Tree:
-        """Invert :meth:`merge`: return the adapted tree from a merged tree and the adapter leaves.
+        """Invert ``merge``: return the adapted tree from a merged tree and the adapter leaves.
 
         ``unmerge(merge(tree), adapter)`` restores ``tree`` within the base
         dtype's rounding.
@@ -105,7 +105,7 @@ class PeftMethod(abc.ABC):
         The map shears each adapted weight (``W -> W + dW``) and passes every
         other key through, so it composes with key and layout maps. Its
         inverse is the unmerge. Follow it with ``Drop`` of the adapter keys
-        to get what :meth:`merge` returns.
+        to get what ``merge`` returns.
         """
 
     @abc.abstractmethod
