@@ -41,14 +41,39 @@ def add_delta(weight: torch.Tensor, delta: torch.Tensor, *, sign: int = 1) -> to
     return total.to(weight.dtype)
 
 
+# Rows merged per block: a block's float32 copy stays near 2 MB, small enough for the CPU cache.
+_MERGE_BLOCK_ELEMENTS = 1 << 19
+
+
 def merge_weight(
     weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float, *, transposed: bool = False, sign: int = 1
 ) -> torch.Tensor:
-    """Return ``weight + sign * scale * B @ A`` (transposed when asked), computed in at least float32 and rounded once."""
-    # NOTE: a blocked variant (addmm per block of rows into a preallocated output)
-    # measured slower than this on a 2-core CPU, so merge, unmerge and the merge
-    # maps share this plain form.
-    return add_delta(weight, lora_delta(lora_a, lora_b, scale, weight.dtype, transposed=transposed), sign=sign)
+    """Return ``weight + sign * scale * B @ A`` (transposed when asked), computed in at least float32 and rounded once.
+
+    When no gradient is needed the merge runs over blocks of rows: each block
+    is copied to float32, updated in place with one ``addmm_`` and rounded
+    into the new tensor, so no full-size float32 temporary exists. The fused
+    ``addmm_`` can round the float32 sum differently in the last bit from
+    ``add_delta(weight, lora_delta(...))``, which the forward's materialised
+    weight uses.
+    """
+    needs_graph = torch.is_grad_enabled() and (weight.requires_grad or lora_a.requires_grad or lora_b.requires_grad)
+    plain = type(weight) is torch.Tensor and type(lora_a) is torch.Tensor and type(lora_b) is torch.Tensor
+    if needs_graph or not plain or torch._C._are_functorch_transforms_active() or weight.device.type == "meta" or weight.dim() != 2:
+        return add_delta(weight, lora_delta(lora_a, lora_b, scale, weight.dtype, transposed=transposed), sign=sign)
+
+    compute = torch.promote_types(weight.dtype, torch.float32)
+    # Row i of W gets row i of B @ A, or in the (in, out) layout row i of A^T @ B^T.
+    left, right = (lora_a.t(), lora_b.t()) if transposed else (lora_b, lora_a)
+    left, right = left.to(compute), right.to(compute)
+    merged = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
+    rows = max(1, _MERGE_BLOCK_ELEMENTS // max(weight.shape[1], 1))
+    with torch.no_grad():
+        for start in range(0, weight.shape[0], rows):
+            block = weight[start : start + rows].to(compute, copy=True)
+            block.addmm_(left[start : start + rows], right, alpha=sign * scale)
+            merged[start : start + rows].copy_(block)
+    return merged
 
 
 def adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
