@@ -156,8 +156,6 @@ def main() -> None:
         print(f"{names[0]} / {other}: {medians[names[0]] / medians[other]:.3f}")
     if "peft" in medians:
         print(f"ftpeft func.grad / peft: {medians['ftpeft func.grad'] / medians['peft']:.3f}")
-    if args.compile:
-        print(f"ftpeft compiled / peft compiled: {medians['ftpeft compiled'] / medians['peft compiled']:.3f}")
 
 
 if __name__ == "__main__":
