@@ -138,11 +138,7 @@ def select(tree: Mapping[str, Any], keys: Iterable[str]) -> Tree:
     Raises:
         KeyError: naming the keys that the tree does not have.
     """
-    wanted = set(keys)
-    missing = wanted - tree.keys()
-    if missing:
-        raise KeyError(f"The tree has no key(s) {_preview(missing)}.")
-    return {k: v for k, v in tree.items() if k in wanted}
+    return split(tree, keys)[0]
 
 
 def split(tree: Mapping[str, Any], keys: Iterable[str]) -> tuple[Tree, Tree]:

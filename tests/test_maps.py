@@ -7,16 +7,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ftpeft import LoRAConfig, LoRAParameters, TensorSpec, peft_method_from_config, spec_of
+from ftpeft import LoRAConfig, LoRAParameters, TensorSpec, peft_method_from_config
 from ftpeft.maps import (
     AddPrefix,
     Cast,
     Chunk,
     Concatenate,
     Drop,
-    Identity,
-    Parallel,
-    Rename,
     Reshape,
     SelectScope,
     Shard,
@@ -28,7 +25,6 @@ from ftpeft.maps import (
     Unsqueeze,
     Unstack,
     check_invertible,
-    compose,
     identity,
     regex_rename,
     rename,

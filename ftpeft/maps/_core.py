@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -174,6 +175,23 @@ class StateMap(abc.ABC):
         if not isinstance(other, StateMap):
             return NotImplemented
         return Parallel(_flatten(Parallel, (self, other)))
+
+
+def select_keys(spec: Mapping[str, Any], keys: Iterable[str], pattern: str | None, what: str) -> list[str]:
+    """Return the keys of ``spec`` named in ``keys`` or fullmatching ``pattern``, in ``spec``'s order.
+
+    Raises:
+        KeyError: naming a key of ``keys`` that ``spec`` lacks.
+    """
+    keys = tuple(keys)
+    missing = [key for key in keys if key not in spec]
+    if missing:
+        raise KeyError(f"{what} reads key(s) {', '.join(repr(k) for k in missing[:5])}, which the tree does not have.")
+    chosen = set(keys)
+    if pattern is not None:
+        regex = re.compile(pattern)
+        chosen |= {key for key in spec if regex.fullmatch(key)}
+    return [key for key in spec if key in chosen]
 
 
 def _raise_unread(state_map: StateMap, unread: list[str]) -> None:

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 import torch
 
 from ..tree import TensorSpec
-from ._core import Group, StateMap
+from ._core import Group, StateMap, select_keys
 
 __all__ = ["Rename", "RegexRename", "AddPrefix", "StripPrefix", "SelectScope", "Drop", "rename", "regex_rename"]
 
@@ -361,12 +361,7 @@ class Drop(StateMap):
     pattern: str | None = None
 
     def _selected(self, spec) -> list[str]:
-        _missing(spec, self.keys, "drop")
-        chosen = set(self.keys)
-        if self.pattern is not None:
-            regex = re.compile(self.pattern)
-            chosen |= {key for key in spec if regex.fullmatch(key)}
-        return [key for key in spec if key in chosen]
+        return select_keys(spec, self.keys, self.pattern, "Drop")
 
     def reads(self, spec):
         return set(self._selected(spec))

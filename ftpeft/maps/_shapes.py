@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from collections.abc import Mapping, Sequence
 
 import torch
 
 from ..tree import TensorSpec
-from ._core import Group, StateMap
+from ._core import Group, StateMap, select_keys
 
 __all__ = [
     "Cast",
@@ -47,16 +46,7 @@ class _PerKey(StateMap):
         object.__setattr__(self, "keys", _keys(self.keys))
 
     def _selected(self, spec: Mapping[str, TensorSpec]) -> list[str]:
-        missing = [key for key in self.keys if key not in spec]
-        if missing:
-            raise KeyError(
-                f"{type(self).__name__} reads key(s) {', '.join(repr(k) for k in missing[:5])}, which the tree does not have."
-            )
-        chosen = set(self.keys)
-        if self.pattern is not None:
-            regex = re.compile(self.pattern)
-            chosen |= {key for key in spec if regex.fullmatch(key)}
-        return [key for key in spec if key in chosen]
+        return select_keys(spec, self.keys, self.pattern, type(self).__name__)
 
     def reads(self, spec):
         return set(self._selected(spec))
