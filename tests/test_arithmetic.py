@@ -575,4 +575,5 @@ def test_dense_deltas_match_lora_merge():
 
     merged = LoRA(config_0).merge({**base, **adapter_0})
 
-    assert torch.equal(add_deltas(base, dense_deltas(config_0, adapter_0))["down.weight"], merged["down.weight"])
+    # merge fuses the product and the sum in one addmm, so the float32 sums may differ in the last bit.
+    torch.testing.assert_close(add_deltas(base, dense_deltas(config_0, adapter_0))["down.weight"], merged["down.weight"], rtol=1e-6, atol=1e-6)
