@@ -407,3 +407,34 @@ def test_lora_bias_is_injected_and_trainable():
 
     assert torch.equal(injected["lin.lora_bias"], torch.zeros(3))
     assert "lin.lora_bias" in method.trainable_keys(injected)
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_svd_and_qr_inits_keep_the_product(init):
+    weight = torch.randn(6, 5)
+    method = lora(["w"], r=3, alpha=6.0, init=init)
+
+    tree = method.inject({"w.weight": weight})
+
+    scale = 2.0
+    lora_a, lora_b = tree["w.lora_A"], tree["w.lora_B"]
+    assert lora_a.shape == (3, 5) and lora_b.shape == (6, 3)
+    torch.testing.assert_close(tree["w.weight"] + scale * lora_b @ lora_a, weight, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(method.merge(tree)["w.weight"], weight, rtol=1e-5, atol=1e-5)
+    if init == "pissa":
+        # s * B @ A is the best rank-3 approximation of W: its residual's norm is the tail singular values' norm.
+        singular = torch.linalg.svdvals(weight)
+        torch.testing.assert_close(torch.linalg.matrix_norm(tree["w.weight"]), singular[3:].norm(), rtol=1e-4, atol=1e-5)
+    else:
+        torch.testing.assert_close(lora_b.T @ lora_b, torch.eye(3), rtol=1e-5, atol=1e-5)
+
+
+def test_svd_init_rejects_rank_above_matrix_rank():
+    with pytest.raises(ValueError, match="r <= min"):
+        lora(["w"], r=4, init="pissa").inject({"w.weight": torch.randn(3, 5)})
+
+
+def test_svd_init_plans_on_specs():
+    planned = lora(["w"], r=2, init="pissa").inject(spec_of({"w.weight": torch.empty(4, 4, device="meta")}))
+
+    assert planned["w.lora_A"].shape == (2, 4)

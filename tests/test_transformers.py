@@ -187,3 +187,22 @@ def test_gpt2_conv1d_matches_peft_oracle():
 
     torch.testing.assert_close(ours, peft_model.eval()(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(merged, ours, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_pissa_and_olora_match_peft(init):
+    peft = pytest.importorskip("peft")
+    model = tiny_llama()
+    method = lora(["q_proj", "v_proj"], r=4, alpha=8.0, init=init)
+    tree = method.inject(state_of(model))
+    peft_state = peft.get_peft_model(
+        copy.deepcopy(model), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=init)
+    ).state_dict()
+    ids = llama_inputs()
+
+    for layer in ("model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.v_proj"):
+        torch.testing.assert_close(tree[f"{layer}.lora_A"], peft_state[f"base_model.model.{layer}.lora_A.default.weight"])
+        torch.testing.assert_close(tree[f"{layer}.lora_B"], peft_state[f"base_model.model.{layer}.lora_B.default.weight"])
+        torch.testing.assert_close(tree[f"{layer}.weight"], peft_state[f"base_model.model.{layer}.base_layer.weight"])
+    out = functional_forward(model, method)(tree, input_ids=ids).logits
+    torch.testing.assert_close(out, model(input_ids=ids).logits, rtol=1e-5, atol=1e-5)

@@ -118,12 +118,15 @@ class LoRAParameters(_Config):
             "gains s * (B A x + b), so merging adds s * b to the module's bias, creating the bias when the base has none."
         ),
     )
-    init: Literal["kaiming_uniform", "gaussian"] = Field(
+    init: Literal["kaiming_uniform", "gaussian", "pissa", "olora"] = Field(
         "kaiming_uniform",
         description=(
-            "Initialisation of A; B always starts at zero, so a fresh adapter leaves the model's output unchanged. "
-            "`kaiming_uniform`: U(-1/sqrt(in), 1/sqrt(in)), as nn.Linear initialises its weight. "
-            "`gaussian`: N(0, std=1/r)."
+            "Initialisation. `kaiming_uniform`: A ~ U(-1/sqrt(in), 1/sqrt(in)), as nn.Linear initialises its weight, "
+            "and B = 0. `gaussian`: A ~ N(0, std=1/r) and B = 0. These two leave the base weight alone. "
+            "`pissa`: from the SVD W = U S V^T, A = sqrt(S_r / s) V_r^T and B = U_r sqrt(S_r / s), the top r "
+            "singular directions. `olora`: from the QR decomposition W = Q R, A = R[:r] and B = Q[:, :r]. "
+            "pissa and olora replace the base weight by W - s * B @ A, so inject returns a new base leaf and "
+            "the adapted model starts equal to the base model."
         ),
     )
 

@@ -259,6 +259,11 @@ class LoRA(PeftMethod):
             if planning:
                 adapted[_leaf_key(module, "lora_A")] = spec_a
                 adapted[_leaf_key(module, "lora_B")] = spec_b
+            elif self.config.params.init in ("pissa", "olora") and weight.device.type != "meta":
+                residual, lora_a, lora_b = self._decompose(module, params[_weight_key(module)], rank, dtype)
+                adapted[_weight_key(module)] = residual
+                adapted[_leaf_key(module, "lora_A")] = lora_a
+                adapted[_leaf_key(module, "lora_B")] = lora_b
             else:
                 adapted[_leaf_key(module, "lora_A")] = self._init_a(spec_a, rank, generator)
                 adapted[_leaf_key(module, "lora_B")] = torch.zeros(spec_b.shape, dtype=dtype, device=weight.device)
@@ -268,6 +273,30 @@ class LoRA(PeftMethod):
                     spec_bias if planning else torch.zeros(spec_bias.shape, dtype=dtype, device=weight.device)
                 )
         return adapted
+
+    def _decompose(
+        self, module: str, weight: torch.Tensor, rank: int, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Return ``(W - s * B @ A, A, B)`` for the PiSSA or OLoRA initialisation of one weight."""
+        scale = self.config.scale_of(module)
+        transposed = self.config.params.fan_in_fan_out
+        matrix = weight.detach().to(torch.float32)
+        matrix = matrix.T if transposed else matrix
+        if self.config.params.init == "pissa":
+            left, singular, right = torch.linalg.svd(matrix, full_matrices=False)
+            root = torch.sqrt(singular[:rank] / scale)
+            lora_a = root[:, None] * right[:rank]
+            lora_b = left[:, :rank] * root[None, :]
+        else:
+            orthogonal, upper = torch.linalg.qr(matrix)
+            lora_a, lora_b = upper[:rank], orthogonal[:, :rank]
+        if lora_a.shape[0] < rank:
+            raise ValueError(
+                f"LoRA init {self.config.params.init!r} on {module!r} needs r <= min(out, in); the weight has shape "
+                f"{tuple(weight.shape)} and r={rank}."
+            )
+        residual = merge_weight(weight.detach(), lora_a, lora_b, scale, transposed=transposed, sign=-1)
+        return residual, lora_a.to(dtype).contiguous(), lora_b.to(dtype).contiguous()
 
     def _init_a(self, spec: TensorSpec, rank: int, generator: torch.Generator | None) -> torch.Tensor:
         if spec.device.type == "meta":
