@@ -418,7 +418,8 @@ def test_svd_and_qr_inits_keep_the_product(init):
 
     scale = 2.0
     lora_a, lora_b = tree["w.lora_A"], tree["w.lora_B"]
-    assert lora_a.shape == (3, 5) and lora_b.shape == (6, 3)
+    assert lora_a.shape == (3, 5)
+    assert lora_b.shape == (6, 3)
     torch.testing.assert_close(tree["w.weight"] + scale * lora_b @ lora_a, weight, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(method.merge(tree)["w.weight"], weight, rtol=1e-5, atol=1e-5)
     if init == "pissa":
