@@ -84,7 +84,8 @@ class _AdaptedWeights(TorchFunctionMode):
         return None
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
+        if kwargs is None:
+            kwargs = {}
         if func in _LINEAR_FUNCTIONS:
             weight = args[1] if len(args) > 1 else kwargs.get("weight")
             entry = self._entry(weight)
@@ -147,10 +148,18 @@ class _AdaptedWeights(TorchFunctionMode):
         return func(*args, **{**kwargs, "weight": weight})
 
     def _touches_adapted(self, args: tuple, kwargs: dict) -> bool:
-        for value in (*args, *kwargs.values()):
-            if self._entry(value) is not None:
+        # The entries keep every adapted weight alive, so no other live object
+        # can share one's id: an id match alone identifies an adapted weight.
+        entries = self._entries
+        for value in args:
+            if id(value) in entries:
                 return True
-            if isinstance(value, (list, tuple)) and any(self._entry(item) is not None for item in value):
+            if type(value) in (list, tuple) and any(id(item) in entries for item in value):
+                return True
+        for value in kwargs.values():
+            if id(value) in entries:
+                return True
+            if type(value) in (list, tuple) and any(id(item) in entries for item in value):
                 return True
         return False
 

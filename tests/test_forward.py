@@ -392,3 +392,17 @@ def test_meta_buffer_without_value_is_named():
         planned = transformers.BertModel(config).eval()
     out = functional_forward(planned)(state_of(real), input_ids=ids).last_hidden_state
     torch.testing.assert_close(out, real(input_ids=ids).last_hidden_state)
+
+
+@pytest.mark.slow
+def test_compiled_lora_scale_matches_eager():
+    # Guards against a compiler rewrite that drops the LoRA scale (torch 2.13
+    # miscompiles add(mm, alpha=k), so the adapter must not be written that way).
+    torch._dynamo.reset()
+    model = nn.Linear(6, 5)
+    method = lora(r".*", r=2, alpha=6.0)
+    tree = randomise_lora_b(method.inject(state_of(model)))
+    fn = functional_forward(model, method)
+    x = torch.randn(4, 6)
+
+    torch.testing.assert_close(torch.compile(fn, fullgraph=True)(tree, x), fn(tree, x))

@@ -128,6 +128,8 @@ class _LoRAWeight(WeightAdapter):
             return output + self.linear_delta(x, training).to(output.dtype)
         low = self._low_rank(x, training)
         # One addmm computes output + s * low @ B^T, with no separate scale or add.
+        # NOTE: output.add(F.linear(low, B), alpha=s) would save the reshapes, but
+        # torch 2.13's inductor compiles add(mm, alpha=k) to wrong values on CPU.
         rows = torch.addmm(output.reshape(-1, output.shape[-1]), low.reshape(-1, low.shape[-1]), self.lora_b.t(), alpha=self.scale)
         return rows.view(output.shape)
 
