@@ -35,6 +35,7 @@ from .tree import Tree, combine, spec_of
 __all__ = ["functional_forward"]
 
 _LINEAR_FUNCTIONS = frozenset({F.linear, torch._C._nn.linear})
+_CONV_FUNCTIONS = frozenset({F.conv2d, F.conv3d, torch.conv2d, torch.conv3d})
 # Ops that compute x @ W with the weight as second operand, as transformers'
 # Conv1D does with a weight stored (in, out).
 _MATMUL_FUNCTIONS = frozenset({torch.addmm, torch.Tensor.addmm, torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.mm, torch.Tensor.mm})
@@ -95,6 +96,10 @@ class _AdaptedWeights(TorchFunctionMode):
             result = self._matmul(func, args, kwargs)
             if result is not None:
                 return result
+        elif func in _CONV_FUNCTIONS and len(args) > 1 and not kwargs:
+            result = self._conv(func, args)
+            if result is not None:
+                return result
         if func in _METADATA_FUNCTIONS or not self._touches_adapted(args, kwargs):
             return func(*args, **kwargs)
         args, kwargs = optree.tree_map(self._materialise_if_adapted, (args, kwargs))
@@ -131,6 +136,23 @@ class _AdaptedWeights(TorchFunctionMode):
         factor = kwargs.get("alpha", 1) if is_addmm else 1
         for delta in deltas:
             output = output + (delta * factor if factor != 1 else delta).to(output.dtype)
+        return output
+
+    def _conv(self, func, args):
+        """Return the convolution plus each adapter's unmerged part, or None to fall back to the materialised kernel."""
+        entry = self._entry(args[1])
+        if entry is None:
+            return None
+        x, weight, *rest = args
+        bias, stride, padding, dilation, groups = (rest + [None, 1, 0, 1, 1][len(rest):])[:5]
+        if groups != 1:
+            return None
+        args, _ = self._materialise_others(args, {}, weight)
+        output = func(*args)
+        for adapter in entry[1]:
+            output = adapter.conv_add(func, x, output, stride, padding, dilation, groups, entry[2])
+            if output is None:
+                return None
         return output
 
     def _materialise_others(self, args: tuple, kwargs: dict, weight: torch.Tensor) -> tuple[tuple, dict]:

@@ -373,18 +373,15 @@ def _bind(directory: Path, lora: LoRAConfig, adapter: Tree, lora_modules: list[s
             f"{', '.join(repr(k) for k in unbound[:6])}{' ...' if len(unbound) > 6 else ''}. Base keys look like {sample}. "
             "Pass key_map=replace_prefix(old, new) to rename the adapter's module paths."
         )
+    from ..methods.lora import LoRA
+
+    method = LoRA(lora)
     for module in lora_modules:
         weight = TensorSpec.of(base[f"{module}.weight"])
-        first, second = weight.shape if weight.ndim == 2 else (None, None)
-        out_features, in_features = (second, first) if lora.params.fan_in_fan_out else (first, second)
-        rank = lora.rank_of(module)
-        shape_a, shape_b = tuple(adapter[f"{module}.lora_A"].shape), tuple(adapter[f"{module}.lora_B"].shape)
-        if shape_a != (rank, in_features) or shape_b != (out_features, rank):
-            raise ValueError(
-                f"Adapter from {str(directory)!r} does not fit the base at {module!r}: lora_A {shape_a} and lora_B "
-                f"{shape_b}, but the base weight {weight.shape} with r={rank} needs ({rank}, {in_features}) and "
-                f"({out_features}, {rank}). Is the adapter for another base model?"
-            )
+        try:
+            method._adapter_pair(adapter, module, weight)
+        except ValueError as error:
+            raise ValueError(f"Adapter from {str(directory)!r} does not fit the base: {error} Is the adapter for another base model?") from None
     for key in saved_keys:
         if tuple(adapter[key].shape) != TensorSpec.of(base[key]).shape:
             raise ValueError(

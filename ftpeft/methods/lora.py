@@ -31,6 +31,10 @@ def lora_delta(
     the (in, out) layout of a weight stored as transformers' Conv1D stores it.
     """
     compute = torch.promote_types(base_dtype, torch.float32)
+    if lora_a.dim() > 2:
+        # A convolution: B is a 1x1 kernel, so the update is B (out, r) times A flattened over (in, kernel).
+        flat = lora_b.to(compute).flatten(1) @ lora_a.to(compute).flatten(1)
+        return flat.view(lora_b.shape[0], *lora_a.shape[1:]) * scale
     delta = (lora_b.to(compute) @ lora_a.to(compute)) * scale
     return delta.T if transposed else delta
 
@@ -112,11 +116,14 @@ class _LoRAWeight(WeightAdapter):
     def materialise(self, weight: torch.Tensor) -> torch.Tensor:
         return add_delta(weight, lora_delta(self.lora_a, self.lora_b, self.scale, weight.dtype, transposed=self.transposed))
 
-    def _low_rank(self, x: torch.Tensor, training: bool) -> torch.Tensor:
+    def _low_rank_input(self, x: torch.Tensor, training: bool) -> torch.Tensor:
         hidden = x if x.dtype == self.lora_a.dtype else x.to(self.lora_a.dtype)
         if training and self.dropout > 0:
             hidden = F.dropout(hidden, self.dropout, training=True)
-        return F.linear(hidden, self.lora_a)
+        return hidden
+
+    def _low_rank(self, x: torch.Tensor, training: bool) -> torch.Tensor:
+        return F.linear(self._low_rank_input(x, training), self.lora_a)
 
     def linear_delta(self, x: torch.Tensor, training: bool) -> torch.Tensor:
         # Scaling the rank-r intermediate costs r multiplies per row instead of out.
@@ -132,6 +139,13 @@ class _LoRAWeight(WeightAdapter):
         # torch 2.13's inductor compiles add(mm, alpha=k) to wrong values on CPU.
         rows = torch.addmm(output.reshape(-1, output.shape[-1]), low.reshape(-1, low.shape[-1]), self.lora_b.t(), alpha=self.scale)
         return rows.view(output.shape)
+
+    def conv_add(self, func, x, output, stride, padding, dilation, groups, training) -> torch.Tensor | None:
+        if groups != 1 or self.lora_bias is not None:
+            return None
+        # conv(conv(x, A), B) with B a 1x1 kernel equals conv(x, B A), the kernel update merge adds.
+        low = func(self._low_rank_input(x, training), self.lora_a, None, stride, padding, dilation, 1)
+        return output + (func(low, self.lora_b) * self.scale).to(output.dtype)
 
 
 class _LoRABias(WeightAdapter):
@@ -175,8 +189,14 @@ class LoRA(PeftMethod):
 
     def _features(self, weight: Any) -> tuple[int, int]:
         """Return ``(out_features, in_features)`` of a weight in this config's layout."""
-        first, second = weight.shape
+        first, second = weight.shape[:2]
         return (second, first) if self.config.params.fan_in_fan_out else (first, second)
+
+    def _adapter_shapes(self, weight: Any, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Return the shapes of A and B for a weight: 2-D for linear layouts, kernels for convolutions."""
+        out_features, in_features = self._features(weight)
+        kernel = tuple(weight.shape[2:])
+        return (rank, in_features, *kernel), (out_features, rank, *(1,) * len(kernel))
 
     def targets(self, tree: Mapping[str, Any]) -> list[str]:
         """Return the paths of the modules this method adapts in ``tree``.
@@ -199,10 +219,12 @@ class LoRA(PeftMethod):
                     )
         for module in matched:
             weight = TensorSpec.of(tree[_weight_key(module)])
-            if weight.ndim != 2 or not weight.dtype.is_floating_point:
+            convolution = weight.ndim in (4, 5) and not self.config.params.fan_in_fan_out
+            if not (weight.ndim == 2 or convolution) or not weight.dtype.is_floating_point:
                 raise ValueError(
                     f"LoRA cannot adapt module {module!r}: its weight has shape {weight.shape} and dtype "
-                    f"{weight.dtype}, but LoRA here needs a 2-D floating-point weight used by F.linear. "
+                    f"{weight.dtype}, but LoRA here needs a floating-point weight that is 2-D (used by F.linear) "
+                    "or 4-D or 5-D (a Conv2d or Conv3d kernel). "
                     "Narrow module_name_pattern so that it leaves this module out."
                 )
         return matched
@@ -256,12 +278,18 @@ class LoRA(PeftMethod):
             out_features, in_features = self._features(weight)
             rank = self.config.rank_of(module)
             dtype = adapter_dtype(weight.dtype)
-            spec_a = TensorSpec((rank, in_features), dtype, weight.device, adapter=True)
-            spec_b = TensorSpec((out_features, rank), dtype, weight.device, adapter=True)
+            shape_a, shape_b = self._adapter_shapes(weight, rank)
+            spec_a = TensorSpec(shape_a, dtype, weight.device, adapter=True)
+            spec_b = TensorSpec(shape_b, dtype, weight.device, adapter=True)
             if planning:
                 adapted[_leaf_key(module, "lora_A")] = spec_a
                 adapted[_leaf_key(module, "lora_B")] = spec_b
             elif self.config.params.init in ("pissa", "olora") and weight.device.type != "meta":
+                if weight.ndim != 2:
+                    raise ValueError(
+                        f"LoRA init {self.config.params.init!r} needs a 2-D weight, but {module!r} has shape "
+                        f"{weight.shape}; use init='kaiming_uniform' or 'gaussian' for convolutions."
+                    )
                 residual, lora_a, lora_b = self._decompose(module, params[_weight_key(module)], rank, dtype)
                 adapted[_weight_key(module)] = residual
                 adapted[_leaf_key(module, "lora_A")] = lora_a
@@ -311,8 +339,8 @@ class LoRA(PeftMethod):
         if self.config.params.init == "gaussian":
             values.normal_(0.0, 1.0 / rank, generator=generator)
         else:
-            # kaiming_uniform with a = sqrt(5) on fan_in = in gives the bound 1 / sqrt(in).
-            bound = 1.0 / math.sqrt(spec.shape[1])
+            # kaiming_uniform with a = sqrt(5) gives the bound 1 / sqrt(fan_in), fan_in = in times the kernel size.
+            bound = 1.0 / math.sqrt(math.prod(spec.shape[1:]))
             values.uniform_(-bound, bound, generator=generator)
         return values.to(device=spec.device, dtype=spec.dtype)
 
@@ -394,14 +422,13 @@ class LoRA(PeftMethod):
         key_a, key_b = _leaf_key(module, "lora_A"), _leaf_key(module, "lora_B")
         self._require(tree, {key_a, key_b}, "use")
         lora_a, lora_b = tree[key_a], tree[key_b]
-        out_features, in_features = self._features(weight)
         rank = self.config.rank_of(module)
-        if tuple(lora_a.shape) != (rank, in_features) or tuple(lora_b.shape) != (out_features, rank):
+        shape_a, shape_b = self._adapter_shapes(weight, rank)
+        if tuple(lora_a.shape) != shape_a or tuple(lora_b.shape) != shape_b:
             raise ValueError(
                 f"LoRA leaves of {module!r} have shapes {tuple(lora_a.shape)} (lora_A) and {tuple(lora_b.shape)} "
                 f"(lora_B), but a weight of shape {tuple(weight.shape)} with r={rank} needs "
-                f"({rank}, {in_features}) and ({out_features}, {rank}). Check that the adapter was made for this "
-                "base model and this config's rank."
+                f"{shape_a} and {shape_b}. Check that the adapter was made for this base model and this config's rank."
             )
         return lora_a, lora_b
 
