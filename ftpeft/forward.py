@@ -35,7 +35,7 @@ from .tree import Tree, combine, spec_of
 __all__ = ["functional_forward"]
 
 _LINEAR_FUNCTIONS = frozenset({F.linear, torch._C._nn.linear})
-_CONV_FUNCTIONS = frozenset({F.conv2d, F.conv3d, torch.conv2d, torch.conv3d})
+_CONV_FUNCTIONS = frozenset({F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d})
 # Ops that compute x @ W with the weight as second operand, as transformers'
 # Conv1D does with a weight stored (in, out).
 _MATMUL_FUNCTIONS = frozenset({torch.addmm, torch.Tensor.addmm, torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.mm, torch.Tensor.mm})

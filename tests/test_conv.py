@@ -1,4 +1,4 @@
-"""LoRA on Conv2d and Conv3d kernels: shapes, the update's math, the unmerged forward, and peft as the oracle."""
+"""LoRA on Conv1d, Conv2d and Conv3d kernels: shapes, the update's math, the unmerged forward, and peft as the oracle."""
 
 from __future__ import annotations
 
@@ -21,16 +21,18 @@ def lora(pattern, r=2, alpha=4.0, **params):
 
 
 class ConvNet(nn.Module):
-    """Strided, 'same'-padded with circular padding, and dilated 3-D convolutions."""
+    """Strided, 'same'-padded with circular padding, dilated 3-D, and reflect-padded 1-D convolutions."""
 
     def __init__(self):
         super().__init__()
         self.down = nn.Conv2d(3, 8, 3, stride=2, padding=1)
         self.wrap = nn.Conv2d(8, 4, (3, 1), padding="same", padding_mode="circular")
         self.volume = nn.Conv3d(2, 3, 2, dilation=2)
+        self.signal = nn.Conv1d(2, 5, 3, padding=2, padding_mode="reflect", stride=2)
 
-    def forward(self, image, volume):
-        return self.wrap(torch.relu(self.down(image))), self.volume(volume)
+    def forward(self, image, volume, signal=None):
+        signal = torch.zeros(1, 2, 7) if signal is None else signal
+        return self.wrap(torch.relu(self.down(image))), self.volume(volume), self.signal(signal)
 
 
 def random_b(tree):
@@ -67,12 +69,15 @@ def test_conv_merge_matches_formula():
 
 def test_conv_forward_unmerged_equals_merged():
     model = ConvNet().eval()
-    method = lora(["down", "wrap", "volume"])
+    method = lora(["down", "wrap", "volume", "signal"])
     tree = random_b(method.inject(state_of(model)))
-    image, volume = torch.randn(2, 3, 9, 9), torch.randn(1, 2, 6, 6, 6)
+    image, volume, signal = torch.randn(2, 3, 9, 9), torch.randn(1, 2, 6, 6, 6), torch.randn(3, 2, 11)
 
-    adapted = functional_forward(model, method)(tree, image, volume)
-    merged = functional_forward(model)(method.merge(tree), image, volume)
+    adapted = functional_forward(model, method)(tree, image, volume, signal)
+    merged = functional_forward(model)(method.merge(tree), image, volume, signal)
+
+    assert tree["signal.lora_A"].shape == (2, 2, 3)
+    assert tree["signal.lora_B"].shape == (5, 2, 1)
 
     for ours, reference in zip(adapted, merged):
         torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
@@ -129,3 +134,20 @@ def test_grouped_conv_uses_materialised_kernel():
 def test_conv_rejects_svd_init():
     with pytest.raises(ValueError, match="needs a 2-D weight"):
         lora(["down"], init="pissa").inject(state_of(ConvNet()))
+
+
+def test_conv1d_matches_peft():
+    peft = pytest.importorskip("peft")
+    model = nn.Sequential(nn.Conv1d(3, 6, 3, stride=2, padding=1), nn.ReLU(), nn.Conv1d(6, 4, 5, padding="same")).eval()
+    method = lora(["0", "2"])
+    tree = random_b(method.inject(state_of(model)))
+    peft_model = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["0", "2"]))
+    with torch.no_grad():
+        for name, module in peft_model.base_model.model.named_modules():
+            if isinstance(module, peft.tuners.lora.LoraLayer):
+                module.lora_A["default"].weight.copy_(tree[f"{name}.lora_A"])
+                module.lora_B["default"].weight.copy_(tree[f"{name}.lora_B"])
+    x = torch.randn(2, 3, 17)
+
+    torch.testing.assert_close(functional_forward(model, method)(tree, x), peft_model.eval()(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(method.merge(tree)["0.weight"], peft_model.merge_and_unload().state_dict()["0.weight"], rtol=1e-6, atol=1e-6)

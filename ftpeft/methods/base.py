@@ -44,7 +44,7 @@ class WeightAdapter(abc.ABC):
     def conv_add(self, func, x, output, stride, padding, dilation, groups, training) -> torch.Tensor | None:
         """Return ``output`` (the convolution's result) plus this adapter's part, or None to fall back.
 
-        ``func`` is the convolution (``F.conv2d`` or ``F.conv3d``) and the other
+        ``func`` is the convolution (``F.conv1d``, ``F.conv2d`` or ``F.conv3d``) and the other
         arguments are the ones the model passed to it. The default has no
         unmerged rule, so the forward uses the materialised kernel.
         """

@@ -219,12 +219,13 @@ class LoRA(PeftMethod):
                     )
         for module in matched:
             weight = TensorSpec.of(tree[_weight_key(module)])
-            convolution = weight.ndim in (4, 5) and not self.config.params.fan_in_fan_out
+            # 3-D weights are Conv1d kernels here; 3-D expert weights will need their own targeting.
+            convolution = weight.ndim in (3, 4, 5) and not self.config.params.fan_in_fan_out
             if not (weight.ndim == 2 or convolution) or not weight.dtype.is_floating_point:
                 raise ValueError(
                     f"LoRA cannot adapt module {module!r}: its weight has shape {weight.shape} and dtype "
                     f"{weight.dtype}, but LoRA here needs a floating-point weight that is 2-D (used by F.linear) "
-                    "or 4-D or 5-D (a Conv2d or Conv3d kernel). "
+                    "or 3-D to 5-D (a Conv1d, Conv2d or Conv3d kernel). "
                     "Narrow module_name_pattern so that it leaves this module out."
                 )
         return matched
