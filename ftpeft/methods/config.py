@@ -137,7 +137,7 @@ class LoRAParameters(_Config):
 
 
 class LoRAConfig(_Config):
-    """LoRA on the 2-D weights of the matched modules."""
+    """LoRA on the weights of the matched modules: linear layers and Conv1d/2d/3d kernels."""
 
     kind: Literal["lora"] = "lora"
     module_name_pattern: ModulePattern = Field(description=_PATTERN_HELP)

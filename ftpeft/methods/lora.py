@@ -1,4 +1,4 @@
-"""LoRA: ``W' = W + s * B @ A`` on the 2-D weights of matched modules."""
+"""LoRA: ``W' = W + s * B @ A`` on the linear and convolution weights of matched modules."""
 
 from __future__ import annotations
 
@@ -169,7 +169,7 @@ def merge_bias(bias: torch.Tensor | None, lora_bias: torch.Tensor, scale: float,
 
 
 class LoRA(PeftMethod):
-    """LoRA on the 2-D floating-point ``weight`` of every matched module.
+    """LoRA on the floating-point ``weight`` of every matched module: linear or convolution kernel.
 
     For a weight ``W`` of shape ``(out, in)``, ``inject`` adds
     ``<module>.lora_A`` of shape ``(r, in)`` and ``<module>.lora_B`` of shape
@@ -206,7 +206,7 @@ class LoRA(PeftMethod):
 
         Raises:
             ValueError: if a pattern matches no candidate, or a matched
-                module's weight is not a 2-D floating-point tensor.
+                module's weight is neither 2-D nor a 3-D to 5-D kernel, or not floating point.
         """
         candidates = [m for m in module_paths(tree) if _weight_key(m) in tree]
         matched = match_modules(self.config.module_name_pattern, candidates, method="LoRA")
