@@ -36,15 +36,15 @@ __all__ = [
 class TensorSpec:
     """Shape, dtype and device of a tensor, without its data.
 
-    A spec stands in for a tensor wherever a method only needs to plan: which
+    A spec replaces a tensor wherever a method only needs to plan which
     modules to target and which adapter leaves to create with what shape.
     """
 
     shape: tuple[int, ...]
     dtype: torch.dtype
     device: torch.device = torch.device("cpu")
-    #: True for a leaf that a method's ``inject`` creates, so a loader knows
-    #: not to look for it in a base checkpoint.
+    #: True for a leaf that a method's ``inject`` creates, so a loader does
+    #: not look for it in a base checkpoint.
     adapter: bool = False
 
     @property

@@ -127,7 +127,7 @@ def iter_state(
 
     Each yielded tree contains one dependency group's outputs. The group's
     inputs are read from the files that hold them, converted, and dropped
-    before the next group is read. The returned stream knows its output
+    before the next group is read. The returned stream states its output
     spec up front, so piping it into ``save_state`` converts a
     checkpoint in memory bounded by the largest group.
 
@@ -202,7 +202,7 @@ def load_state(
     Args:
         spec: the spec the result must fit, for example
             ``method.inject(spec_of(meta_model))``. Every loaded key must be
-            in it with the same shape and dtype (after ``dtype``); every key
+            in it with the same shape and dtype (after ``dtype``). Every key
             of it must be loaded, except adapter leaves, which ``inject``
             fills afterwards.
 

@@ -145,7 +145,7 @@ class StateMap(abc.ABC):
         Args:
             spec: a spec tree, or any tree (only shapes and dtypes are read).
             passthrough: pass keys that no group reads through unchanged.
-                By default such keys raise, so a pipeline that forgets a key
+                By default such keys raise, so a pipeline that misses a key
                 fails loudly.
 
         Raises:
@@ -302,7 +302,7 @@ def _fuse(plans: list[Plan]) -> list[Group]:
     """Fuse the groups of consecutive stage plans into end-to-end groups.
 
     Groups of neighbouring stages that share a key belong to one connected
-    set; each set becomes one group that reads only first-stage inputs and
+    set. Each set becomes one group that reads only first-stage inputs and
     writes only last-stage outputs, so a streaming loader can still run the
     whole pipeline group by group.
     """

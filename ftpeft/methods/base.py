@@ -17,9 +17,9 @@ __all__ = ["PeftMethod", "WeightAdapter", "split_trainable"]
 class WeightAdapter(abc.ABC):
     """How one method changes one base weight while the model runs.
 
-    The forward wrapper asks the adapter for the low-rank output of
-    ``F.linear`` when it can (no dense update is built), and for the
-    materialised weight everywhere else.
+    The forward wrapper calls the adapter for the low-rank output of
+    ``F.linear`` or a convolution when it can (no dense update is built), and
+    for the materialised weight everywhere else.
     """
 
     #: Path of the module that owns the weight; its ``training`` flag switches dropout.
