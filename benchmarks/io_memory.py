@@ -53,21 +53,15 @@ CONTENDERS = {
     """,
 }
 
-RUNNER = """
+# Every runner imports the shared /proc readers from this folder.
+_PRELUDE = f"import sys\nsys.path.insert(0, {str(Path(__file__).resolve().parent)!r})\nfrom _rss import reset_peak, status_kib\n"
+
+RUNNER = _PRELUDE + """
 import sys, time
 import torch, safetensors.torch, ftpeft.io, ftpeft.maps
 SRC, OUT, OUT_SHARD = sys.argv[1], sys.argv[2], int(sys.argv[3])
 
-def status_kib(field):
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-
-# Writing 5 to clear_refs resets the peak RSS (VmHWM) to the current RSS (Linux).
-with open("/proc/self/clear_refs", "w") as clear:
-    clear.write("5")
-baseline = status_kib("VmRSS")
+baseline = reset_peak()
 start = time.perf_counter()
 {body}
 elapsed = time.perf_counter() - start

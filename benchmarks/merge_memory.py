@@ -18,19 +18,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-RUNNER = """
+# Every runner imports the shared /proc readers from this folder.
+_PRELUDE = f"import sys\nsys.path.insert(0, {str(Path(__file__).resolve().parent)!r})\nfrom _rss import reset_peak, status_kib\n"
+
+RUNNER = _PRELUDE + """
 import sys
 import torch, ftpeft.cli, ftpeft.io
 
-def status_kib(field):
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-
-with open("/proc/self/clear_refs", "w") as clear:
-    clear.write("5")
-baseline = status_kib("VmRSS")
+baseline = reset_peak()
 code = ftpeft.cli.main(["merge", *sys.argv[1:]])
 print(baseline, status_kib("VmHWM"), code, file=sys.stderr)
 """

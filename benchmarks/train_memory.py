@@ -1,9 +1,9 @@
 """B4: peak memory of one training step (B1's workload), ftpeft against peft.
 
 Each contender runs in a fresh Python process. It builds the model and its
-adapters, resets the peak resident set size (VmHWM), runs two steps and
-reports the peak above the resident size just before the first step, which
-is what the activations, gradients and temporaries of a step cost.
+adapters, resets the peak resident set size (VmHWM) and runs two steps. It
+reports the peak above the resident size just before the first step: the
+cost of a step's activations, gradients and temporaries.
 
 Usage: python benchmarks/train_memory.py [--batch 4] [--seq 256]
 """
@@ -15,25 +15,20 @@ import subprocess
 import sys
 from pathlib import Path
 
-RUNNER = """
+# Every runner imports the shared /proc readers from this folder.
+_PRELUDE = f"import sys\nsys.path.insert(0, {str(Path(__file__).resolve().parent)!r})\nfrom _rss import reset_peak, status_kib\n"
+
+RUNNER = _PRELUDE + """
 import sys
 sys.path.insert(0, {here!r})
 import torch
 from train_step import build_model, ftpeft_step, peft_step
 torch.set_num_threads(2)
 
-def status_kib(field):
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-
 model = build_model().train()
 ids = torch.randint(0, 8000, ({batch}, {seq}), generator=torch.Generator().manual_seed(1))
 step = ftpeft_step(model, 0.0, False) if sys.argv[1] == "ftpeft" else peft_step(model, 0.0, False)
-with open("/proc/self/clear_refs", "w") as clear:
-    clear.write("5")
-baseline = status_kib("VmRSS")
+baseline = reset_peak()
 step(ids)
 step(ids)
 print(baseline, status_kib("VmHWM"))

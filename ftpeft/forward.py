@@ -157,7 +157,9 @@ class _AdaptedWeights(TorchFunctionMode):
 
     def _materialise_others(self, args: tuple, kwargs: dict, weight: torch.Tensor) -> tuple[tuple, dict]:
         """Materialise adapted tensors among the arguments other than ``weight``, such as an adapted bias."""
-        if not self._touches_adapted(tuple(a for a in args if a is not weight), {k: v for k, v in kwargs.items() if v is not weight}):
+        entries = self._entries
+        others = [value for value in (*args, *kwargs.values()) if value is not weight]
+        if not any(id(value) in entries for value in others):
             return args, kwargs
         args = tuple(a if a is weight else self._materialise_if_adapted(a) for a in args)
         kwargs = {k: (v if v is weight else self._materialise_if_adapted(v)) for k, v in kwargs.items()}
@@ -252,6 +254,7 @@ def functional_forward(model: nn.Module, method: PeftMethod | None = None) -> Ca
     tied = _tied_names(model)
     parameter_names = frozenset(name for name, _ in model.named_parameters(remove_duplicate=False))
     module_buffers = dict(model.named_buffers(remove_duplicate=False))
+    submodules = dict(model.named_modules(remove_duplicate=False))
 
     def fn(tree: Mapping[str, Any] | Sequence[Mapping[str, Any]], *args: Any, **kwargs: Any) -> Any:
         full = _as_tree(tree)
@@ -259,13 +262,17 @@ def functional_forward(model: nn.Module, method: PeftMethod | None = None) -> Ca
         _check_keys(params, tied, parameter_names)
 
         # Copy every buffer so that in-place updates reach neither the tree nor the module.
+        # A buffer the tree gives under another (tied) name is filled from that name below.
+        empty = []
         for name, buffer in module_buffers.items():
-            if not any(alias in params for alias in tied[name]):
-                params[name] = buffer
-        _check_meta_buffers(params, module_buffers)
-        for name in module_buffers:
             if name in params:
                 params[name] = params[name].clone()
+            elif not any(alias in params for alias in tied[name]):
+                if buffer.is_meta:
+                    empty.append(name)
+                params[name] = buffer.clone()
+        if empty:
+            _raise_meta_buffers(empty)
 
         # Fill the other names of tied weights before the targeted name gets its
         # view, so untargeted aliases see the plain base tensor.
@@ -279,7 +286,7 @@ def functional_forward(model: nn.Module, method: PeftMethod | None = None) -> Ca
             weight = params[weight_key]
             view = weight.view(weight.shape)
             params[weight_key] = view
-            training = model.get_submodule(chain[0].module).training
+            training = submodules[chain[0].module].training
             entries.append((view, chain, training))
 
         if not entries:
@@ -290,15 +297,13 @@ def functional_forward(model: nn.Module, method: PeftMethod | None = None) -> Ca
     return fn
 
 
-def _check_meta_buffers(params: Mapping[str, Any], module_buffers: Mapping[str, torch.Tensor]) -> None:
+def _raise_meta_buffers(empty: list[str]) -> None:
     # A meta buffer has no values, and some ops silently read garbage from it instead of failing.
-    empty = sorted(name for name in module_buffers if params[name] is module_buffers[name] and module_buffers[name].is_meta)
-    if empty:
-        raise ValueError(
-            f"The model's buffer(s) {', '.join(repr(k) for k in empty[:5])} are on the meta device and the tree has "
-            "no value for them. Add them to the tree, or build the model with ftpeft.parameters_on_meta(), which "
-            "keeps buffers real while parameters go to meta."
-        )
+    raise ValueError(
+        f"The model's buffer(s) {', '.join(repr(k) for k in sorted(empty)[:5])} are on the meta device and the tree "
+        "has no value for them. Add them to the tree, or build the model with ftpeft.parameters_on_meta(), which "
+        "keeps buffers real while parameters go to meta."
+    )
 
 
 def _as_tree(tree: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> Tree:

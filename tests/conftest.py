@@ -81,3 +81,17 @@ def randomise_lora_b(tree: dict[str, torch.Tensor], seed: int = 1) -> dict[str, 
         k: (torch.randn(v.shape, generator=generator, dtype=torch.float32).to(v.dtype) * 0.1 if k.endswith("lora_B") else v)
         for k, v in tree.items()
     }
+
+
+def copy_into_peft(peft_model, tree) -> int:
+    """Copy ftpeft's lora_A / lora_B leaves into every LoRA layer of a peft model; return how many layers."""
+    from peft.tuners.lora import LoraLayer
+
+    copied = 0
+    with torch.no_grad():
+        for name, module in peft_model.base_model.model.named_modules():
+            if isinstance(module, LoraLayer):
+                module.lora_A["default"].weight.copy_(tree[f"{name}.lora_A"])
+                module.lora_B["default"].weight.copy_(tree[f"{name}.lora_B"])
+                copied += 1
+    return copied

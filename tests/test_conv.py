@@ -13,7 +13,7 @@ from torch import nn
 from ftpeft import LoRAConfig, LoRAParameters, functional_forward, peft_method_from_config
 from ftpeft.io import load_hf_peft_adapter, save_hf_peft_adapter
 
-from conftest import state_of
+from conftest import copy_into_peft, state_of
 
 
 def lora(pattern, r=2, alpha=4.0, **params):
@@ -101,11 +101,7 @@ def test_conv_matches_peft_and_round_trips(tmp_path):
     method = lora(["0", "2"])
     tree = random_b(method.inject(state_of(model)))
     peft_model = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["0", "2"]))
-    with torch.no_grad():
-        for name, module in peft_model.base_model.model.named_modules():
-            if isinstance(module, peft.tuners.lora.LoraLayer):
-                module.lora_A["default"].weight.copy_(tree[f"{name}.lora_A"])
-                module.lora_B["default"].weight.copy_(tree[f"{name}.lora_B"])
+    assert copy_into_peft(peft_model, tree) == 2
     x = torch.randn(2, 3, 9, 9)
     ours = functional_forward(model, method)(tree, x)
 
@@ -142,11 +138,7 @@ def test_conv1d_matches_peft():
     method = lora(["0", "2"])
     tree = random_b(method.inject(state_of(model)))
     peft_model = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["0", "2"]))
-    with torch.no_grad():
-        for name, module in peft_model.base_model.model.named_modules():
-            if isinstance(module, peft.tuners.lora.LoraLayer):
-                module.lora_A["default"].weight.copy_(tree[f"{name}.lora_A"])
-                module.lora_B["default"].weight.copy_(tree[f"{name}.lora_B"])
+    assert copy_into_peft(peft_model, tree) == 2
     x = torch.randn(2, 3, 17)
 
     torch.testing.assert_close(functional_forward(model, method)(tree, x), peft_model.eval()(x), rtol=1e-5, atol=1e-5)

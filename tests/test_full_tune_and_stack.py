@@ -63,7 +63,8 @@ def test_full_tune_merge_and_unmerge_keep_leaves():
 
     merged = method.merge(base)
 
-    assert merged == base and merged is not base
+    assert merged == base
+    assert merged is not base
     assert method.unmerge(merged, {}) == base
     with pytest.raises(ValueError, match="no adapter leaves"):
         method.unmerge(merged, {"x": torch.zeros(1)})

@@ -9,7 +9,7 @@ import torch
 
 from ftpeft import LoRAConfig, LoRAParameters, functional_forward, peft_method_from_config, spec_of, split_trainable
 
-from conftest import randomise_lora_b, state_of, tiny_bert, tiny_gpt2, tiny_llama
+from conftest import copy_into_peft, randomise_lora_b, state_of, tiny_bert, tiny_gpt2, tiny_llama
 
 transformers = pytest.importorskip("transformers")
 
@@ -102,7 +102,7 @@ def test_llama_matches_peft_oracle():
         copy.deepcopy(model),
         peft.LoraConfig(r=4, lora_alpha=8, target_modules=LLAMA_TARGETS, lora_dropout=0.0),
     )
-    assert copy_into_peft(peft, peft_model, tree) == 2 * len(LLAMA_TARGETS)
+    assert copy_into_peft(peft_model, tree) == 2 * len(LLAMA_TARGETS)
     peft_model.eval()
 
     ours = functional_forward(model, method)(tree, input_ids=ids).logits
@@ -160,18 +160,6 @@ def test_compile_fullgraph_on_llama_decoder_layer():
         torch.testing.assert_close(compiled_grads[key], eager_grads[key], rtol=1e-4, atol=1e-6)
 
 
-def copy_into_peft(peft, peft_model, tree):
-    """Copy ftpeft's lora_A / lora_B leaves into every LoRA layer of a peft model; return how many."""
-    copied = 0
-    with torch.no_grad():
-        for name, module in peft_model.base_model.model.named_modules():
-            if isinstance(module, peft.tuners.lora.LoraLayer):
-                module.lora_A["default"].weight.copy_(tree[f"{name}.lora_A"])
-                module.lora_B["default"].weight.copy_(tree[f"{name}.lora_B"])
-                copied += 1
-    return copied
-
-
 def test_gpt2_conv1d_matches_peft_oracle():
     peft = pytest.importorskip("peft")
     model = tiny_gpt2()
@@ -181,7 +169,7 @@ def test_gpt2_conv1d_matches_peft_oracle():
     ids = llama_inputs()
     peft_model = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(r=2, lora_alpha=4, target_modules=targets, fan_in_fan_out=True))
 
-    assert copy_into_peft(peft, peft_model, tree) == 2 * 4
+    assert copy_into_peft(peft_model, tree) == 2 * 4
     ours = functional_forward(model, method)(tree, input_ids=ids).logits
     merged = functional_forward(model)(method.merge(tree), input_ids=ids).logits
 

@@ -15,7 +15,7 @@ __all__ = ["PeftMethod", "WeightAdapter", "split_trainable"]
 
 
 class WeightAdapter(abc.ABC):
-    """How one method changes one base weight while the model runs.
+    """The change one method makes to one base weight while the model runs.
 
     The forward wrapper calls the adapter for the low-rank output of
     ``F.linear`` or a convolution when it can (no dense update is built), and

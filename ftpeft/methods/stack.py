@@ -18,7 +18,7 @@ __all__ = ["PeftStack"]
 class PeftStack(PeftMethod):
     """Several methods over one tree, such as LoRA on attention plus FullTune of the norms.
 
-    Member ``i`` sees the tree that members ``0 .. i-1`` injected. Two members
+    Member ``i`` receives the tree that members ``0 .. i-1`` injected. Two members
     may not create the same key; a key both make trainable (LoRA leaves that a
     FullTune pattern also covers) is simply trainable.
     """
