@@ -147,12 +147,12 @@ def split(tree: Mapping[str, Any], keys: Iterable[str]) -> tuple[Tree, Tree]:
     Raises:
         KeyError: naming the keys that the tree does not have.
     """
-    wanted = set(keys)
-    missing = wanted - tree.keys()
+    requested = set(keys)
+    missing = requested - tree.keys()
     if missing:
         raise KeyError(f"The tree has no key(s) {_preview(missing)}.")
-    chosen = {k: v for k, v in tree.items() if k in wanted}
-    rest = {k: v for k, v in tree.items() if k not in wanted}
+    chosen = {k: v for k, v in tree.items() if k in requested}
+    rest = {k: v for k, v in tree.items() if k not in requested}
     return chosen, rest
 
 
@@ -177,7 +177,7 @@ def combine(*trees: Mapping[str, Any]) -> Tree:
 
 def _preview(keys: Iterable[str], limit: int = 5) -> str:
     ordered = sorted(keys)
-    shown = ", ".join(repr(k) for k in ordered[:limit])
+    listed = ", ".join(repr(k) for k in ordered[:limit])
     if len(ordered) > limit:
-        shown += f" and {len(ordered) - limit} more"
-    return shown
+        listed += f" and {len(ordered) - limit} more"
+    return listed

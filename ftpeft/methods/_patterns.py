@@ -49,7 +49,7 @@ def _suffixes(path: str) -> list[str]:
 
 def _no_match_message(unmatched: list[str], paths: Sequence[str], *, method: str, whole_path_only: bool) -> str:
     names = ", ".join(repr(u) for u in unmatched)
-    shown = [p for p in paths if p][:6]
+    listed = [p for p in paths if p][:6]
     message = f"{method} pattern {names} matches no module."
     suffix_hits = [p for p in paths if whole_path_only and any(re.fullmatch(u, s) for u in unmatched for s in _suffixes(p)[1:])]
     close = [] if suffix_hits else _close_matches(unmatched, paths)
@@ -61,9 +61,9 @@ def _no_match_message(unmatched: list[str], paths: Sequence[str], *, method: str
         return message
     if close:
         message += f" Did you mean {', '.join(repr(c) for c in close)}?"
-    if shown:
-        more = f", ... ({len(paths)} in all)" if len(paths) > len(shown) else ""
-        message += f" Module paths that {method} can target include: {', '.join(shown)}{more}."
+    if listed:
+        more = f", ... ({len(paths)} in all)" if len(paths) > len(listed) else ""
+        message += f" Module paths that {method} can target include: {', '.join(listed)}{more}."
     if whole_path_only:
         message += (
             " A string pattern must fullmatch the whole path (e.g. r'.*\\.q_proj'); "
