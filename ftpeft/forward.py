@@ -35,6 +35,7 @@ from .tree import Tree, combine, spec_of
 __all__ = ["functional_forward"]
 
 _LINEAR_FUNCTIONS = frozenset({F.linear, torch._C._nn.linear})
+_EMBEDDING_FUNCTIONS = frozenset({F.embedding})
 _CONV_FUNCTIONS = frozenset({F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d})
 # Ops that compute x @ W with the weight as second operand, as transformers'
 # Conv1D does with a weight stored (in, out).
@@ -100,6 +101,14 @@ class _AdaptedWeights(TorchFunctionMode):
             result = self._conv(func, args)
             if result is not None:
                 return result
+        elif func in _EMBEDDING_FUNCTIONS:
+            result = self._embedding(func, args, kwargs)
+            if result is not None:
+                return result
+        elif func is torch.Tensor.__getitem__ and len(args) == 2:
+            result = self._expert(func, args)
+            if result is not None:
+                return result
         if func in _METADATA_FUNCTIONS or not self._touches_adapted(args, kwargs):
             return func(*args, **kwargs)
         args, kwargs = optree.tree_map(self._materialise_if_adapted, (args, kwargs))
@@ -109,12 +118,56 @@ class _AdaptedWeights(TorchFunctionMode):
         weight, chain, training = entry
         args, kwargs = self._materialise_others(args, kwargs, weight)
         x = args[0] if args else kwargs["input"]
-        output = func(*args, **kwargs)
+        bias = None
+        if any(adapter.needs_output_without_bias for adapter in chain):
+            bias = args[2] if len(args) > 2 else kwargs.get("bias")
+            output = func(x, weight)
+        else:
+            output = func(*args, **kwargs)
         for adapter in chain:
             output = adapter.add_to_output(x, output, training)
             if output is None:
                 return self._call_with(func, args, kwargs, self._materialise_if_adapted(weight))
+        return output if bias is None else output + bias
+
+    def _embedding(self, func, args, kwargs):
+        """Return ``F.embedding`` in the base table plus each adapter's rows, or None to fall back to the materialised table."""
+        names = ("input", "weight", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse")
+        bound = dict(zip(names, args))
+        bound.update(kwargs)
+        entry = self._entry(bound.get("weight"))
+        # max_norm renormalises the looked-up rows of the table in place, which only the materialised table may undergo.
+        if entry is None or bound.get("max_norm") is not None:
+            return None
+        weight, chain, _ = entry
+        ids = bound["input"]
+        padding_idx = bound.get("padding_idx")
+        if padding_idx is not None and padding_idx < 0:
+            padding_idx += weight.shape[0]
+        scale_grad_by_freq, sparse = bound.get("scale_grad_by_freq", False), bound.get("sparse", False)
+        output = func(ids, weight, padding_idx, None, bound.get("norm_type", 2.0), scale_grad_by_freq, sparse)
+        for adapter in chain:
+            output = adapter.lookup_add(ids, output, padding_idx, scale_grad_by_freq, sparse)
+            if output is None:
+                return None
         return output
+
+    def _expert(self, func, args):
+        """Return ``W[index]`` of an adapted expert stack as a view that carries each expert's adapter, or None to fall back."""
+        entry = self._entry(args[0])
+        index = args[1]
+        if entry is None:
+            return None
+        integral = isinstance(index, int) or (isinstance(index, torch.Tensor) and index.dim() == 0 and not index.is_floating_point())
+        if not integral or args[0].dim() != 3:
+            return None
+        weight, chain, training = entry
+        experts = [adapter.expert(index) for adapter in chain]
+        if any(adapter is None for adapter in experts):
+            return None
+        view = func(weight, index)
+        self._entries[id(view)] = (view, experts, training)
+        return view
 
     def _matmul(self, func, args, kwargs):
         """Return ``x @ W`` plus the unmerged updates for a transposed weight, or None to fall back."""

@@ -189,11 +189,17 @@ class TiedModel(nn.Module):
 @pytest.mark.parametrize("target", ["head", "embed"])
 def test_tied_weight_carries_adapter_only_into_target(target):
     model = TiedModel()
-    method = lora([target], r=2, alpha=2.0)
-    tree = randomise_lora_b(method.inject(state_of(model)))
+    embedding_pattern = ["embed"] if target == "embed" else None
+    method = peft_method_from_config(LoRAConfig(module_name_pattern=[target], embedding_pattern=embedding_pattern, params=LoRAParameters(r=2, alpha=2.0)))
+    generator = torch.Generator().manual_seed(1)
+    tree = {k: (torch.randn(v.shape, generator=generator) if "lora" in k else v) for k, v in method.inject(state_of(model)).items()}
     ids = torch.tensor([1, 4, 6])
     base = tree["embed.weight"]
-    adapted = base + tree[f"{target}.lora_B"] @ tree[f"{target}.lora_A"]
+    if target == "head":
+        adapted = base + tree["head.lora_B"] @ tree["head.lora_A"]
+    else:
+        # The embedding layout: A is (r, vocab), B is (dim, r), and the table gains (B A)^T.
+        adapted = base + (tree["embed.lora_embedding_B"] @ tree["embed.lora_embedding_A"]).T
     embed_weight, head_weight = (base, adapted) if target == "head" else (adapted, base)
 
     out = functional_forward(model, method)(tree, ids)

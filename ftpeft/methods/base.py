@@ -28,6 +28,9 @@ class WeightAdapter(abc.ABC):
     #: (transformers' Conv1D); then ``linear_delta`` serves ``addmm`` and
     #: ``matmul`` instead of ``F.linear``.
     transposed: bool = False
+    #: True when ``add_to_output`` needs the base output without the bias
+    #: (DoRA rescales ``W x``); the forward then adds the bias after the adapters.
+    needs_output_without_bias: bool = False
 
     @abc.abstractmethod
     def materialise(self, weight: torch.Tensor) -> torch.Tensor:
@@ -47,6 +50,23 @@ class WeightAdapter(abc.ABC):
         ``func`` is the convolution (``F.conv1d``, ``F.conv2d`` or ``F.conv3d``) and the other
         arguments are the ones the model passed to it. The default has no
         unmerged rule, so the forward uses the materialised kernel.
+        """
+        return None
+
+    def lookup_add(self, ids: torch.Tensor, output: torch.Tensor, padding_idx: int | None, scale_grad_by_freq: bool, sparse: bool) -> torch.Tensor | None:
+        """Return ``output`` (``F.embedding`` of ``ids`` in the base table) plus this adapter's rows, or None to fall back.
+
+        ``padding_idx`` is already non-negative. The default has no unmerged
+        rule, so the forward looks the ids up in the materialised table.
+        """
+        return None
+
+    def expert(self, index: Any) -> WeightAdapter | None:
+        """Return the adapter of the 2-D view ``W[index]`` of a 3-D expert stack, or None to fall back.
+
+        ``index`` is an int or a 0-d integer tensor. With an adapter per
+        expert, ``F.linear(x, W[e])`` runs unmerged; None makes the view carry
+        the materialised stack instead.
         """
         return None
 

@@ -48,6 +48,8 @@ _PEFT_NAMES = {
     "use_rslora": "params.use_rslora",
     "fan_in_fan_out": "params.fan_in_fan_out",
     "lora_bias": "params.lora_bias",
+    "use_dora": "params.use_dora",
+    "target_parameters": "parameter_pattern",
     "modules_to_save": "a FullTuneConfig in a PeftStackConfig",
 }
 
@@ -71,18 +73,18 @@ class _Config(BaseModel):
         return data
 
 
-def _check_pattern(value: ModulePattern) -> ModulePattern:
+def _check_pattern(value: ModulePattern, field: str = "module_name_pattern") -> ModulePattern:
     entries = [value] if isinstance(value, str) else value
     if not entries:
-        raise ValueError("module_name_pattern is an empty list; give at least one module name or regex.")
+        raise ValueError(f"{field} is an empty list; give at least one module name or regex.")
     for entry in entries:
         if not entry:
-            raise ValueError("module_name_pattern contains an empty string; remove it or give a module name.")
+            raise ValueError(f"{field} contains an empty string; remove it or give a module name.")
         try:
             re.compile(entry)
         except re.error as error:
             raise ValueError(
-                f"module_name_pattern {entry!r} is not a valid regular expression ({error}); "
+                f"{field} {entry!r} is not a valid regular expression ({error}); "
                 "escape special characters with a backslash, e.g. r'layers\\.0\\.q_proj'."
             ) from None
     return value
@@ -118,6 +120,15 @@ class LoRAParameters(_Config):
             "gains s * (B A x + b), so merging adds s * b to the module's bias, creating the bias when the base has none."
         ),
     )
+    use_dora: bool = Field(
+        False,
+        description=(
+            "DoRA: split each adapted weight into a trainable magnitude m (`<target>.lora_magnitude_vector`, one value "
+            "per output row, starting at the row norms of W) and a direction. The adapted weight is "
+            "(m / n) * (W + s * B @ A), where n holds the row norms of W + s * B @ A, recomputed on every call and "
+            "detached from the gradient."
+        ),
+    )
     init: Literal["kaiming_uniform", "gaussian", "pissa", "olora"] = Field(
         "kaiming_uniform",
         description=(
@@ -137,10 +148,31 @@ class LoRAParameters(_Config):
 
 
 class LoRAConfig(_Config):
-    """LoRA on the weights of the matched modules: linear layers and Conv1d/2d/3d kernels."""
+    """LoRA on the weights of the matched modules (linear layers, Conv1d/2d/3d kernels, embeddings) and matched parameters (expert weights)."""
 
     kind: Literal["lora"] = "lora"
-    module_name_pattern: ModulePattern = Field(description=_PATTERN_HELP)
+    module_name_pattern: ModulePattern | None = Field(
+        None, description=_PATTERN_HELP + " Leave it unset when parameter_pattern alone names the targets."
+    )
+    embedding_pattern: ModulePattern | None = Field(
+        None,
+        description=(
+            "Which of the modules that module_name_pattern targets are embedding tables (nn.Embedding: a weight of "
+            "shape (num_embeddings, embedding_dim) used through F.embedding). Matched like module_name_pattern. These "
+            "get the embedding layout: `<module>.lora_embedding_A` (r, num_embeddings) starting at zero, "
+            "`<module>.lora_embedding_B` (embedding_dim, r) starting N(0, 1), and the update s * (B @ A)^T."
+        ),
+    )
+    parameter_pattern: ModulePattern | None = Field(
+        None,
+        description=(
+            "Parameters to adapt directly, matched against parameter keys (for example `mlp.experts.gate_up_proj`) "
+            "the way module_name_pattern matches module paths. Meant for mixture-of-experts weights stored as one "
+            "3-D tensor (E, out, in), or (E, in, out) with fan_in_fan_out: `<key>.lora_A` is (E * r, in) and "
+            "`<key>.lora_B` is (out, E * r), expert e using rows e*r to e*r+r-1 of A and columns e, e+E, e+2E, ... of B. "
+            "A 2-D parameter gets the linear layout."
+        ),
+    )
     params: LoRAParameters = Field(default_factory=LoRAParameters, description="LoRA hyperparameters.")
     rank_pattern: dict[str, int] = Field(
         default_factory=dict,
@@ -154,7 +186,18 @@ class LoRAConfig(_Config):
         description="Per-module alpha overrides, matched like rank_pattern.",
     )
 
-    _check = field_validator("module_name_pattern")(_check_pattern)
+    @field_validator("module_name_pattern", "embedding_pattern", "parameter_pattern")
+    @classmethod
+    def _check_patterns(cls, value: ModulePattern | None, info) -> ModulePattern | None:
+        return None if value is None else _check_pattern(value, info.field_name)
+
+    @model_validator(mode="after")
+    def _needs_targets(self) -> "LoRAConfig":
+        if self.module_name_pattern is None and self.parameter_pattern is None:
+            raise ValueError("LoRAConfig needs module_name_pattern, parameter_pattern or both, to say which weights to adapt.")
+        if self.embedding_pattern is not None and self.module_name_pattern is None:
+            raise ValueError("embedding_pattern selects among the modules that module_name_pattern targets; set module_name_pattern too.")
+        return self
 
     @field_validator("rank_pattern", "alpha_pattern")
     @classmethod
@@ -188,7 +231,10 @@ class FullTuneConfig(_Config):
     kind: Literal["full_tune"] = "full_tune"
     module_name_pattern: ModulePattern = Field(description=_PATTERN_HELP)
 
-    _check = field_validator("module_name_pattern")(_check_pattern)
+    @field_validator("module_name_pattern")
+    @classmethod
+    def _check_module_pattern(cls, value: ModulePattern) -> ModulePattern:
+        return _check_pattern(value)
 
 
 class PeftStackConfig(_Config):

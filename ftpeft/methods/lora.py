@@ -1,4 +1,4 @@
-"""LoRA: ``W' = W + s * B @ A`` on the linear and convolution weights of matched modules."""
+"""LoRA: ``W' = W + s * B @ A`` on the linear, convolution, embedding and expert weights of matched modules, with DoRA."""
 
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ import torch
 import torch.nn.functional as F
 
 from ..maps import Group, StateMap
-from ..tree import TensorSpec, Tree, is_spec, module_paths
+from ..tree import TensorSpec, Tree, is_spec, module_path, module_paths
 from ._patterns import match_modules
 from .base import PeftMethod, WeightAdapter
 from .config import LoRAConfig
 
-__all__ = ["LoRA", "LoRAMergeMap", "add_delta", "lora_delta", "merge_bias", "merge_weight"]
+__all__ = ["LoRA", "LoRAMergeMap", "LoRATarget", "add_delta", "adapter_shapes", "lora_delta", "merge_bias", "merge_weight", "target_delta"]
 
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -80,11 +80,6 @@ def merge_weight(
     return merged
 
 
-def adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
-    """Return the dtype of new adapter leaves: float32 for half-precision bases, else the base dtype."""
-    return torch.float32 if base_dtype in _HALF_DTYPES else base_dtype
-
-
 def _weight_key(module: str) -> str:
     return f"{module}.weight" if module else "weight"
 
@@ -93,28 +88,173 @@ def _leaf_key(module: str, name: str) -> str:
     return f"{module}.{name}" if module else name
 
 
+@dataclasses.dataclass(frozen=True)
+class LoRATarget:
+    """One weight that LoRA adapts: its key, its layout and the keys of its adapter leaves.
+
+    ``kind`` is ``"linear"`` (a 2-D weight used by ``F.linear``, or by
+    ``x @ W`` when ``transposed``), ``"conv"`` (a Conv1d/2d/3d kernel),
+    ``"embedding"`` (a table used by ``F.embedding``) or ``"experts"`` (a
+    3-D stack of expert weights).
+    """
+
+    #: The module path for a module target, the parameter key for a parameter target.
+    name: str
+    weight_key: str
+    kind: str
+    transposed: bool
+    #: Path of the module that owns the weight; its ``training`` flag switches dropout.
+    module: str
+    #: Number of experts E for an ``"experts"`` target, else 0.
+    experts: int = 0
+
+    def leaf(self, leaf_name: str) -> str:
+        """Return the tree key of one of this target's adapter leaves."""
+        return _leaf_key(self.name, leaf_name)
+
+    @property
+    def key_a(self) -> str:
+        return self.leaf("lora_embedding_A" if self.kind == "embedding" else "lora_A")
+
+    @property
+    def key_b(self) -> str:
+        return self.leaf("lora_embedding_B" if self.kind == "embedding" else "lora_B")
+
+    @property
+    def key_magnitude(self) -> str:
+        return self.leaf("lora_magnitude_vector")
+
+    @property
+    def key_norm(self) -> str:
+        return self.leaf("lora_weight_norm")
+
+    @property
+    def key_lora_bias(self) -> str:
+        return self.leaf("lora_bias")
+
+    @property
+    def bias_key(self) -> str:
+        return _leaf_key(self.module, "bias")
+
+
+def target_features(target: LoRATarget, shape: tuple[int, ...]) -> tuple[int, int]:
+    """Return ``(out_features, in_features)`` of a weight of ``shape`` in the target's layout.
+
+    For an embedding table ``(num_embeddings, embedding_dim)`` the output
+    size is ``embedding_dim`` and the input size ``num_embeddings``; for
+    experts they are the sizes of one expert's weight.
+    """
+    if target.kind == "embedding":
+        return shape[1], shape[0]
+    if target.kind == "experts":
+        return (shape[2], shape[1]) if target.transposed else (shape[1], shape[2])
+    return (shape[1], shape[0]) if target.transposed else (shape[0], shape[1])
+
+
+def adapter_shapes(target: LoRATarget, shape: tuple[int, ...], rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Return the shapes of the A and B leaves for a weight of ``shape`` and rank ``rank``."""
+    out_features, in_features = target_features(target, shape)
+    if target.kind == "experts":
+        experts = shape[0]
+        return (experts * rank, in_features), (out_features, experts * rank)
+    if target.kind == "conv":
+        kernel = tuple(shape[2:])
+        return (rank, shape[1], *kernel), (shape[0], rank, *(1,) * len(kernel))
+    return (rank, in_features), (out_features, rank)
+
+
+def magnitude_shape(target: LoRATarget, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Return the shape of the DoRA magnitude: one value per output row, ``(1, out, 1, ...)`` for kernels."""
+    out_features = target_features(target, shape)[0]
+    if target.kind == "conv":
+        return (1, out_features, *(1,) * (len(shape) - 2))
+    return (out_features,)
+
+
+def target_delta(target: LoRATarget, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float, base_dtype: torch.dtype) -> torch.Tensor:
+    """Return the update ``dW`` in the base weight's layout, in at least float32."""
+    compute = torch.promote_types(base_dtype, torch.float32)
+    if target.kind == "embedding":
+        return ((lora_b.to(compute) @ lora_a.to(compute)) * scale).T
+    if target.kind == "experts":
+        per_expert_a, per_expert_b = expert_factors(lora_a.to(compute), lora_b.to(compute), target.experts)
+        delta = torch.bmm(per_expert_b, per_expert_a) * scale
+        return delta.transpose(1, 2) if target.transposed else delta
+    return lora_delta(lora_a, lora_b, scale, base_dtype, transposed=target.transposed)
+
+
+def expert_factors(lora_a: torch.Tensor, lora_b: torch.Tensor, experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unpack expert LoRA leaves into ``(E, r, in)`` and ``(E, out, r)`` views.
+
+    A packs the experts' rows one expert after another; B packs its columns
+    rank by rank, so expert e owns columns ``e, e + E, e + 2E, ...``. This is
+    Hugging Face PEFT's ``target_parameters`` packing (checked against peft 0.21.2).
+    """
+    rank = lora_a.shape[0] // experts
+    per_expert_a = lora_a.view(experts, rank, lora_a.shape[1])
+    per_expert_b = lora_b.view(lora_b.shape[0], rank, experts).permute(2, 0, 1)
+    return per_expert_a, per_expert_b
+
+
+def _norm_dims(target: LoRATarget, ndim: int) -> tuple[int, ...]:
+    """Return the dims of the weight that DoRA's norm reduces: all but the output dim."""
+    if target.kind == "embedding" or target.transposed:
+        return (0,)
+    return tuple(range(1, ndim))
+
+
+def dora_norm(target: LoRATarget, adapted: torch.Tensor) -> torch.Tensor:
+    """Return the detached norms of ``W + dW`` per output row, shaped to broadcast against the weight."""
+    with torch.no_grad():
+        return torch.linalg.vector_norm(adapted.detach(), dim=_norm_dims(target, adapted.dim()), keepdim=True)
+
+
+def _magnitude_like(target: LoRATarget, magnitude: torch.Tensor, ndim: int) -> torch.Tensor:
+    """Reshape a DoRA magnitude to broadcast against the weight."""
+    if target.kind == "embedding" or target.transposed:
+        return magnitude.reshape(1, -1)
+    return magnitude.reshape(-1, *(1,) * (ndim - 1))
+
+
+def adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
+    """Return the dtype of new adapter leaves: float32 for half-precision bases, else the base dtype."""
+    return torch.float32 if base_dtype in _HALF_DTYPES else base_dtype
+
+
 class _LoRAWeight(WeightAdapter):
     def __init__(
         self,
-        module: str,
+        target: LoRATarget,
         lora_a: torch.Tensor,
         lora_b: torch.Tensor,
         scale: float,
         dropout: float,
-        transposed: bool,
         lora_bias: torch.Tensor | None = None,
+        magnitude: torch.Tensor | None = None,
+        weight: torch.Tensor | None = None,
     ):
-        self.module = module
+        self.target = target
+        self.module = target.module
         self.lora_a = lora_a
         self.lora_b = lora_b
         self.scale = scale
         self.dropout = dropout
-        self.transposed = transposed
+        self.transposed = target.transposed
         # Set only when the base module has no bias of its own to carry the LoRA bias.
         self.lora_bias = lora_bias
+        self.magnitude = magnitude
+        # DoRA's unmerged forward needs the base weight for its norm.
+        self.weight = weight
+        # DoRA rescales W x, so the forward passes the base output without its bias.
+        self.needs_output_without_bias = magnitude is not None
 
     def materialise(self, weight: torch.Tensor) -> torch.Tensor:
-        return add_delta(weight, lora_delta(self.lora_a, self.lora_b, self.scale, weight.dtype, transposed=self.transposed))
+        delta = target_delta(self.target, self.lora_a, self.lora_b, self.scale, weight.dtype)
+        if self.magnitude is None:
+            return add_delta(weight, delta)
+        adapted = weight.to(delta.dtype) + delta
+        factor = _magnitude_like(self.target, self.magnitude, weight.dim()).to(delta.dtype) / dora_norm(self.target, adapted)
+        return (factor * adapted).to(weight.dtype)
 
     def _low_rank_input(self, x: torch.Tensor, training: bool) -> torch.Tensor:
         hidden = x if x.dtype == self.lora_a.dtype else x.to(self.lora_a.dtype)
@@ -125,12 +265,18 @@ class _LoRAWeight(WeightAdapter):
     def _low_rank(self, x: torch.Tensor, training: bool) -> torch.Tensor:
         return F.linear(self._low_rank_input(x, training), self.lora_a)
 
-    def linear_delta(self, x: torch.Tensor, training: bool) -> torch.Tensor:
+    def linear_delta(self, x: torch.Tensor, training: bool) -> torch.Tensor | None:
+        if self.target.kind != "linear" or self.magnitude is not None:
+            return None
         # Scaling the rank-r intermediate costs r multiplies per row instead of out.
         bias = None if self.lora_bias is None else self.lora_bias * self.scale
         return F.linear(self._low_rank(x, training) * self.scale, self.lora_b, bias)
 
-    def add_to_output(self, x: torch.Tensor, output: torch.Tensor, training: bool) -> torch.Tensor:
+    def add_to_output(self, x: torch.Tensor, output: torch.Tensor, training: bool) -> torch.Tensor | None:
+        if self.target.kind != "linear":
+            return None
+        if self.magnitude is not None:
+            return self._dora_output(x, output, training)
         if self.lora_bias is not None or output.dtype != self.lora_b.dtype:
             return output + self.linear_delta(x, training).to(output.dtype)
         low = self._low_rank(x, training)
@@ -140,12 +286,57 @@ class _LoRAWeight(WeightAdapter):
         rows = torch.addmm(output.reshape(-1, output.shape[-1]), low.reshape(-1, low.shape[-1]), self.lora_b.t(), alpha=self.scale)
         return rows.view(output.shape)
 
+    def _dora_output(self, x: torch.Tensor, output: torch.Tensor, training: bool) -> torch.Tensor:
+        """Return ``(m / n) * (W x + s B A x)`` from ``output = W x`` (without the bias).
+
+        With dropout d active it returns ``W x + (m / n - 1) W d(x) + (m / n) s B A d(x)``,
+        as Hugging Face PEFT computes it: only the adapter's share sees the dropped input.
+        """
+        hidden = self._low_rank_input(x, training)
+        low_rank = F.linear(F.linear(hidden, self.lora_a), self.lora_b) * self.scale
+        factor = (self.magnitude / self._row_norms()).to(low_rank.dtype)
+        if not (training and self.dropout > 0):
+            return (factor * (output.to(low_rank.dtype) + low_rank)).to(output.dtype)
+        base_on_dropped = F.linear(hidden.to(self.weight.dtype), self.weight).to(low_rank.dtype)
+        return output + ((factor - 1) * base_on_dropped + factor * low_rank).to(output.dtype)
+
+    def _row_norms(self) -> torch.Tensor:
+        """Return ``||W + s B A||`` per output row without building the dense update.
+
+        ``||W_i + s (BA)_i||^2 = ||W_i||^2 + 2 s <B_i, (W A^T)_i> + s^2 <B_i, (B A A^T)_i>``
+        costs two products with the rank-r factors instead of an (out, in) temporary.
+        """
+        with torch.no_grad():
+            weight = self.weight.detach().to(torch.float32)
+            lora_a, lora_b = self.lora_a.detach().to(torch.float32), self.lora_b.detach().to(torch.float32)
+            squares = weight.square().sum(1) + 2 * self.scale * (lora_b * (weight @ lora_a.T)).sum(1)
+            squares = squares + self.scale**2 * (lora_b * (lora_b @ (lora_a @ lora_a.T))).sum(1)
+            return squares.clamp_min(0).sqrt()
+
     def conv_add(self, func, x, output, stride, padding, dilation, groups, training) -> torch.Tensor | None:
-        if groups != 1 or self.lora_bias is not None:
+        if self.target.kind != "conv" or groups != 1 or self.lora_bias is not None or self.magnitude is not None:
             return None
         # conv(conv(x, A), B) with B a 1x1 kernel equals conv(x, B A), the kernel update merge adds.
         low = func(self._low_rank_input(x, training), self.lora_a, None, stride, padding, dilation, 1)
         return output + (func(low, self.lora_b) * self.scale).to(output.dtype)
+
+    def lookup_add(self, ids: torch.Tensor, output: torch.Tensor, padding_idx: int | None, scale_grad_by_freq: bool, sparse: bool) -> torch.Tensor | None:
+        if self.target.kind != "embedding" or self.magnitude is not None:
+            return None
+        # Row i of the update (B A)^T is A[:, i] looked up, times B^T: no (num_embeddings, dim) temporary.
+        low = F.embedding(ids, self.lora_a.t(), padding_idx, None, 2.0, scale_grad_by_freq, sparse)
+        delta = (low @ self.lora_b.t()) * self.scale
+        if padding_idx is not None:
+            # The padding row of the adapted table gets no gradient, as F.embedding treats it.
+            padding = (ids == padding_idx).unsqueeze(-1)
+            delta = torch.where(padding, delta.detach(), delta)
+        return output + delta.to(output.dtype)
+
+    def expert(self, index: Any) -> "_LoRAWeight":
+        """Return the adapter of one expert, for the 2-D view ``W[index]`` of an expert stack."""
+        per_expert_a, per_expert_b = expert_factors(self.lora_a, self.lora_b, self.target.experts)
+        target = dataclasses.replace(self.target, kind="linear")
+        return _LoRAWeight(target, per_expert_a[index], per_expert_b[index], self.scale, self.dropout)
 
 
 class _LoRABias(WeightAdapter):
@@ -169,9 +360,9 @@ def merge_bias(bias: torch.Tensor | None, lora_bias: torch.Tensor, scale: float,
 
 
 class LoRA(PeftMethod):
-    """LoRA on the floating-point ``weight`` of every matched module: linear or convolution kernel.
+    """LoRA on the weights of matched modules and parameters: linear, convolution, embedding and expert weights.
 
-    For a weight ``W`` of shape ``(out, in)``, ``inject`` adds
+    For a linear weight ``W`` of shape ``(out, in)``, ``inject`` adds
     ``<module>.lora_A`` of shape ``(r, in)`` and ``<module>.lora_B`` of shape
     ``(out, r)``. The adapted weight is ``W + s * B @ A`` with
     ``s = alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA. A starts
@@ -181,82 +372,159 @@ class LoRA(PeftMethod):
     ``fan_in_fan_out`` the weight is stored as ``(in, out)`` and the update
     added to it is transposed. ``rank_pattern`` and ``alpha_pattern`` set r
     and alpha per module. With ``lora_bias``, ``<module>.lora_bias`` of shape
-    ``(out,)`` adds ``s * lora_bias`` to the module's output.
+    ``(out,)`` adds ``s * lora_bias`` to the module's output. Embedding
+    tables (``embedding_pattern``), convolution kernels and expert stacks
+    (``parameter_pattern``) have their own layouts, given by ``adapter_shapes``.
+    With ``use_dora``, ``<target>.lora_magnitude_vector`` rescales each
+    output row of the adapted weight.
     """
 
     def __init__(self, config: LoRAConfig):
         self.config = config
 
-    def _features(self, weight: Any) -> tuple[int, int]:
-        """Return ``(out_features, in_features)`` of a weight in this config's layout."""
-        first, second = weight.shape[:2]
-        return (second, first) if self.config.params.fan_in_fan_out else (first, second)
-
-    def _adapter_shapes(self, weight: Any, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        """Return the shapes of A and B for a weight: 2-D for linear layouts, kernels for convolutions."""
-        out_features, in_features = self._features(weight)
-        kernel = tuple(weight.shape[2:])
-        return (rank, in_features, *kernel), (out_features, rank, *(1,) * len(kernel))
-
     def targets(self, tree: Mapping[str, Any]) -> list[str]:
-        """Return the paths of the modules this method adapts in ``tree``.
-
-        Candidates are the modules that own a ``weight`` leaf; the pattern is
-        matched against their paths.
+        """Return the names of the targets in ``tree``: module paths, then the keys of targeted parameters.
 
         Raises:
-            ValueError: if a pattern matches no candidate, or a matched
-                module's weight is neither 2-D nor a 3-D to 5-D kernel, or not floating point.
+            ValueError: as ``lora_targets`` does.
         """
-        candidates = [m for m in module_paths(tree) if _weight_key(m) in tree]
-        matched = match_modules(self.config.module_name_pattern, candidates, method="LoRA")
-        for field in ("rank_pattern", "alpha_pattern"):
-            for key in getattr(self.config, field):
-                if not match_modules([key], matched, method=f"LoRA {field}", quiet=True):
+        return [target.name for target in self.lora_targets(tree)]
+
+    def lora_targets(self, tree: Mapping[str, Any]) -> list[LoRATarget]:
+        """Return every weight this method adapts in ``tree``, with its layout.
+
+        Module patterns are matched against the paths of modules that own a
+        ``weight`` leaf; ``parameter_pattern`` against every key.
+
+        Raises:
+            ValueError: if a pattern matches nothing, a matched weight has a
+                shape or dtype LoRA cannot adapt, or an option does not fit a
+                target's kind. The message names the pattern or the target.
+        """
+        config, params = self.config, self.config.params
+        targets: list[LoRATarget] = []
+        if config.module_name_pattern is not None:
+            candidates = [m for m in module_paths(tree) if _weight_key(m) in tree]
+            matched = match_modules(config.module_name_pattern, candidates, method="LoRA")
+            embeddings = set()
+            if config.embedding_pattern is not None:
+                embeddings = set(match_modules(config.embedding_pattern, matched, method="LoRA embedding_pattern"))
+            for module in matched:
+                weight = TensorSpec.of(tree[_weight_key(module)])
+                kind = "embedding" if module in embeddings else ("linear" if weight.ndim == 2 else "conv")
+                targets.append(LoRATarget(module, _weight_key(module), kind, params.fan_in_fan_out and kind == "linear", module))
+        if config.parameter_pattern is not None:
+            matched = match_modules(config.parameter_pattern, list(tree), method="LoRA parameter_pattern")
+            taken = {target.weight_key for target in targets}
+            for key in matched:
+                if key in taken:
                     raise ValueError(
-                        f"LoRA {field} key {key!r} matches none of the targeted modules "
-                        f"({', '.join(matched[:4])}{', ...' if len(matched) > 4 else ''}); fix or remove it."
+                        f"LoRA targets {key!r} twice: through module_name_pattern and through parameter_pattern. "
+                        "Leave it out of one of them."
                     )
-        for module in matched:
-            weight = TensorSpec.of(tree[_weight_key(module)])
-            # 3-D weights are Conv1d kernels here; 3-D expert weights will need their own targeting.
-            convolution = weight.ndim in (3, 4, 5) and not self.config.params.fan_in_fan_out
-            if not (weight.ndim == 2 or convolution) or not weight.dtype.is_floating_point:
-                raise ValueError(
-                    f"LoRA cannot adapt module {module!r}: its weight has shape {weight.shape} and dtype "
-                    f"{weight.dtype}, but LoRA here needs a floating-point weight that is 2-D (used by F.linear) "
-                    "or 3-D to 5-D (a Conv1d, Conv2d or Conv3d kernel). "
-                    "Narrow module_name_pattern so that it leaves this module out."
-                )
-        return matched
+                weight = TensorSpec.of(tree[key])
+                kind = "experts" if weight.ndim == 3 else "linear"
+                experts = weight.shape[0] if kind == "experts" else 0
+                targets.append(LoRATarget(key, key, kind, params.fan_in_fan_out, module_path(key), experts))
+
+        names = [target.name for target in targets]
+        for field in ("rank_pattern", "alpha_pattern"):
+            for key in getattr(config, field):
+                if not match_modules([key], names, method=f"LoRA {field}", quiet=True):
+                    raise ValueError(
+                        f"LoRA {field} key {key!r} matches none of the targets "
+                        f"({', '.join(names[:4])}{', ...' if len(names) > 4 else ''}); fix or remove it."
+                    )
+        for target in targets:
+            self._check_target(target, TensorSpec.of(tree[target.weight_key]))
+        return targets
+
+    def _check_target(self, target: LoRATarget, weight: TensorSpec) -> None:
+        params = self.config.params
+        expected = {"linear": (2,), "conv": (3, 4, 5), "embedding": (2,), "experts": (3,)}[target.kind]
+        if weight.ndim not in expected or not weight.dtype.is_floating_point:
+            if target.kind == "experts" or target.name == target.weight_key:
+                fix = "parameter_pattern targets 2-D weights and 3-D expert stacks (E, out, in); narrow it"
+            elif target.kind == "embedding":
+                fix = "an embedding table is 2-D (num_embeddings, embedding_dim); narrow embedding_pattern"
+            else:
+                fix = "narrow module_name_pattern so that it leaves this module out"
+            raise ValueError(
+                f"LoRA cannot adapt {target.name!r}: its weight has shape {weight.shape} and dtype {weight.dtype}, "
+                "but LoRA here needs a floating-point weight that is 2-D (used by F.linear or F.embedding), 3-D to 5-D "
+                f"(a Conv1d, Conv2d or Conv3d kernel) or a 3-D expert stack given by parameter_pattern. Fix: {fix}."
+            )
+        if target.kind == "conv" and params.fan_in_fan_out:
+            raise ValueError(
+                f"LoRA target {target.name!r} is a convolution kernel {weight.shape}, which fan_in_fan_out=True cannot "
+                "describe. Put the convolutions in a separate LoRAConfig without fan_in_fan_out."
+            )
+        unsupported = {
+            "embedding": {"lora_bias": params.lora_bias, "fan_in_fan_out": params.fan_in_fan_out},
+            "experts": {"dropout > 0": params.dropout > 0, "lora_bias": params.lora_bias, "use_dora": params.use_dora},
+        }.get(target.kind, {})
+        if params.init in ("pissa", "olora") and target.kind in ("embedding", "experts"):
+            unsupported[f"init={params.init!r}"] = True
+        chosen = [name for name, value in unsupported.items() if value]
+        if chosen:
+            raise ValueError(
+                f"LoRA target {target.name!r} is a{'n' if target.kind[0] in 'ae' else ''} {target.kind} weight, which "
+                f"does not support {', '.join(chosen)}. Put it in a separate LoRAConfig without these options "
+                "(a PeftStackConfig holds both)."
+            )
 
     def check_model(self, model: torch.nn.Module) -> None:
         from ..tree import spec_of
 
         fan_in_fan_out = self.config.params.fan_in_fan_out
-        for module in self.targets(spec_of(model)):
-            layer = model.get_submodule(module)
+        for target in self.lora_targets(spec_of(model)):
+            layer = model.get_submodule(target.module)
+            if target.kind == "experts":
+                # transformers marks expert modules that store (E, in, out) with is_transposed.
+                stored_transposed = bool(getattr(layer, "is_transposed", False))
+                if stored_transposed != fan_in_fan_out:
+                    layouts = "(E, in, out)" if stored_transposed else "(E, out, in)"
+                    raise ValueError(
+                        f"LoRA target {target.name!r} stores its experts as {layouts}, but the config has "
+                        f"fan_in_fan_out={fan_in_fan_out}. Set LoRAParameters(fan_in_fan_out={stored_transposed}) for these parameters."
+                    )
+                continue
+            if target.name != target.module:
+                continue
+            is_embedding = isinstance(layer, torch.nn.Embedding)
+            if is_embedding and target.kind != "embedding":
+                raise ValueError(
+                    f"LoRA target {target.module!r} is an nn.Embedding, so it needs the embedding layout. Add it to "
+                    f"embedding_pattern, for example embedding_pattern=[{target.module.rpartition('.')[2]!r}]."
+                )
+            if target.kind == "embedding" and not is_embedding:
+                raise ValueError(
+                    f"embedding_pattern matches {target.module!r}, which is a {type(layer).__name__}, not an "
+                    "nn.Embedding. Narrow embedding_pattern to the embedding tables."
+                )
             # transformers' Conv1D stores its weight (in, out); it is recognised by name to avoid importing transformers.
             is_conv1d = type(layer).__name__ == "Conv1D" and hasattr(layer, "nf")
             if is_conv1d and not fan_in_fan_out:
                 raise ValueError(
-                    f"LoRA target {module!r} is a Conv1D, whose weight is stored as (in, out), but the config has "
+                    f"LoRA target {target.module!r} is a Conv1D, whose weight is stored as (in, out), but the config has "
                     "fan_in_fan_out=False. Set LoRAParameters(fan_in_fan_out=True) for these modules."
                 )
             if isinstance(layer, torch.nn.Linear) and fan_in_fan_out:
                 raise ValueError(
-                    f"LoRA target {module!r} is an nn.Linear, whose weight is stored as (out, in), but the config has "
+                    f"LoRA target {target.module!r} is an nn.Linear, whose weight is stored as (out, in), but the config has "
                     "fan_in_fan_out=True. Set LoRAParameters(fan_in_fan_out=False) for these modules."
                 )
 
-    def adapter_keys(self, tree: Mapping[str, Any]) -> set[str]:
-        keys: set[str] = set()
-        for module in self.targets(tree):
-            keys.add(_leaf_key(module, "lora_A"))
-            keys.add(_leaf_key(module, "lora_B"))
-            if self.config.params.lora_bias:
-                keys.add(_leaf_key(module, "lora_bias"))
+    def _leaf_keys(self, target: LoRATarget) -> list[str]:
+        keys = [target.key_a, target.key_b]
+        if self.config.params.lora_bias:
+            keys.append(target.key_lora_bias)
+        if self.config.params.use_dora:
+            keys.append(target.key_magnitude)
         return keys
+
+    def adapter_keys(self, tree: Mapping[str, Any]) -> set[str]:
+        return {key for target in self.lora_targets(tree) for key in self._leaf_keys(target)}
 
     def trainable_keys(self, tree: Mapping[str, Any]) -> set[str]:
         keys = self.adapter_keys(tree)
@@ -265,7 +533,7 @@ class LoRA(PeftMethod):
 
     def inject(self, params: Mapping[str, Any], *, generator: torch.Generator | None = None) -> Tree:
         planning = is_spec(params)
-        targets = self.targets(params)
+        targets = self.lora_targets(params)
         already = sorted(k for k in self.adapter_keys(params) if k in params)
         if already:
             raise ValueError(
@@ -274,36 +542,66 @@ class LoRA(PeftMethod):
             )
 
         adapted: Tree = dict(params)
-        for module in targets:
-            weight = TensorSpec.of(params[_weight_key(module)])
-            out_features, in_features = self._features(weight)
-            rank = self.config.rank_of(module)
+        for target in targets:
+            weight = TensorSpec.of(params[target.weight_key])
+            rank = self.config.rank_of(target.name)
             dtype = adapter_dtype(weight.dtype)
-            shape_a, shape_b = self._adapter_shapes(weight, rank)
+            shape_a, shape_b = adapter_shapes(target, weight.shape, rank)
             spec_a = TensorSpec(shape_a, dtype, weight.device, adapter=True)
             spec_b = TensorSpec(shape_b, dtype, weight.device, adapter=True)
             if planning:
-                adapted[_leaf_key(module, "lora_A")] = spec_a
-                adapted[_leaf_key(module, "lora_B")] = spec_b
+                adapted[target.key_a] = spec_a
+                adapted[target.key_b] = spec_b
             elif self.config.params.init in ("pissa", "olora") and weight.device.type != "meta":
                 if weight.ndim != 2:
                     raise ValueError(
-                        f"LoRA init {self.config.params.init!r} needs a 2-D weight, but {module!r} has shape "
+                        f"LoRA init {self.config.params.init!r} needs a 2-D weight, but {target.name!r} has shape "
                         f"{weight.shape}; use init='kaiming_uniform' or 'gaussian' for convolutions."
                     )
-                residual, lora_a, lora_b = self._decompose(module, params[_weight_key(module)], rank, dtype)
-                adapted[_weight_key(module)] = residual
-                adapted[_leaf_key(module, "lora_A")] = lora_a
-                adapted[_leaf_key(module, "lora_B")] = lora_b
+                residual, lora_a, lora_b = self._decompose(target.name, params[target.weight_key], rank, dtype)
+                adapted[target.weight_key] = residual
+                adapted[target.key_a] = lora_a
+                adapted[target.key_b] = lora_b
+            elif target.kind == "embedding":
+                adapted[target.key_a], adapted[target.key_b] = self._init_embedding(spec_a, spec_b, rank, generator)
             else:
-                adapted[_leaf_key(module, "lora_A")] = self._init_a(spec_a, rank, generator)
-                adapted[_leaf_key(module, "lora_B")] = torch.zeros(spec_b.shape, dtype=dtype, device=weight.device)
+                adapted[target.key_a] = self._init_a(spec_a, rank, generator)
+                adapted[target.key_b] = torch.zeros(spec_b.shape, dtype=dtype, device=weight.device)
             if self.config.params.lora_bias:
+                out_features = target_features(target, weight.shape)[0]
                 spec_bias = TensorSpec((out_features,), dtype, weight.device, adapter=True)
-                adapted[_leaf_key(module, "lora_bias")] = (
+                adapted[target.key_lora_bias] = (
                     spec_bias if planning else torch.zeros(spec_bias.shape, dtype=dtype, device=weight.device)
                 )
+            if self.config.params.use_dora:
+                spec_magnitude = TensorSpec(magnitude_shape(target, weight.shape), dtype, weight.device, adapter=True)
+                adapted[target.key_magnitude] = spec_magnitude if planning else self._init_magnitude(target, adapted, spec_magnitude)
         return adapted
+
+    def _init_magnitude(self, target: LoRATarget, adapted: Mapping[str, Any], spec: TensorSpec) -> torch.Tensor:
+        """Return the row norms of the adapted weight, DoRA's starting magnitude."""
+        weight = adapted[target.weight_key]
+        if weight.device.type == "meta":
+            return torch.empty(spec.shape, dtype=spec.dtype, device="meta")
+        with torch.no_grad():
+            delta = target_delta(target, adapted[target.key_a], adapted[target.key_b], self.config.scale_of(target.name), weight.dtype)
+            norms = dora_norm(target, weight.to(delta.dtype) + delta)
+        return norms.reshape(spec.shape).to(spec.dtype)
+
+    def _init_embedding(
+        self, spec_a: TensorSpec, spec_b: TensorSpec, rank: int, generator: torch.Generator | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return embedding leaves: A = 0 and B ~ N(0, 1), or with ``gaussian`` A ~ N(0, 1/r) and B = 0."""
+        if spec_a.device.type == "meta":
+            return torch.empty(spec_a.shape, dtype=spec_a.dtype, device="meta"), torch.empty(spec_b.shape, dtype=spec_b.dtype, device="meta")
+        draw_device = generator.device if generator is not None else spec_a.device
+        if self.config.params.init == "gaussian":
+            lora_a = torch.empty(spec_a.shape, dtype=torch.float32, device=draw_device).normal_(0.0, 1.0 / rank, generator=generator)
+            lora_b = torch.zeros(spec_b.shape, dtype=torch.float32)
+        else:
+            lora_a = torch.zeros(spec_a.shape, dtype=torch.float32)
+            lora_b = torch.empty(spec_b.shape, dtype=torch.float32, device=draw_device).normal_(0.0, 1.0, generator=generator)
+        return lora_a.to(device=spec_a.device, dtype=spec_a.dtype), lora_b.to(device=spec_b.device, dtype=spec_b.dtype)
 
     def _decompose(
         self, module: str, weight: torch.Tensor, rank: int, dtype: torch.dtype
@@ -351,44 +649,95 @@ class LoRA(PeftMethod):
         merged = {k: v for k, v in tree.items() if k not in adapter_keys}
         if is_spec(tree):
             return merged
-        for module in self.targets(tree):
-            weight_key = _weight_key(module)
-            lora_a, lora_b = self._adapter_pair(tree, module, tree[weight_key])
-            merged[weight_key] = self._merged(module, tree[weight_key], lora_a, lora_b)
-            if self.config.params.lora_bias:
-                bias_key = _leaf_key(module, "bias")
-                lora_bias = self._lora_bias(tree, module, tree[weight_key])
-                bias_dtype = tree[bias_key].dtype if bias_key in tree else tree[weight_key].dtype
-                merged[bias_key] = merge_bias(tree.get(bias_key), lora_bias, self.config.scale_of(module), bias_dtype)
+        for target in self.lora_targets(tree):
+            merged.update(self._merge_target(target, tree, sign=1))
         return merged
 
+    def _merge_target(self, target: LoRATarget, tree: Mapping[str, Any], *, sign: int) -> Tree:
+        """Return the merged (``sign=1``) or unmerged (``sign=-1``) weight of one target, and its bias when LoRA changes it.
+
+        Unmerging DoRA reads the norm leaf that ``weight_norms`` returned before the merge.
+        """
+        weight = tree[target.weight_key]
+        lora_a, lora_b = self._adapter_pair(tree, target, weight)
+        scale = self.config.scale_of(target.name)
+        result: Tree = {}
+        if self.config.params.use_dora:
+            magnitude = self._magnitude(tree, target, weight)
+            delta = target_delta(target, lora_a, lora_b, scale, weight.dtype)
+            magnitude = _magnitude_like(target, magnitude, weight.dim()).to(delta.dtype)
+            if sign > 0:
+                adapted = weight.to(delta.dtype) + delta
+                result[target.weight_key] = (magnitude / dora_norm(target, adapted) * adapted).to(weight.dtype)
+            else:
+                norms = self._norm_leaf(tree, target, weight).to(delta.dtype)
+                result[target.weight_key] = (weight.to(delta.dtype) * (norms / magnitude) - delta).to(weight.dtype)
+        elif target.kind in ("linear", "conv"):
+            result[target.weight_key] = merge_weight(weight, lora_a, lora_b, scale, transposed=target.transposed, sign=sign)
+        else:
+            result[target.weight_key] = add_delta(weight, target_delta(target, lora_a, lora_b, scale, weight.dtype), sign=sign)
+        if self.config.params.lora_bias:
+            bias = tree.get(target.bias_key)
+            if sign < 0:
+                self._require(tree, {target.bias_key}, "unmerge")
+            lora_bias = self._lora_bias(tree, target, weight)
+            dtype = bias.dtype if bias is not None else weight.dtype
+            # NOTE: unmerging keeps a bias that the merge created, holding zeros up to rounding.
+            result[target.bias_key] = merge_bias(bias, lora_bias, scale, dtype, sign=sign)
+        return result
+
+    def weight_norms(self, tree: Mapping[str, Any]) -> Tree:
+        """Return DoRA's norm leaves ``<target>.lora_weight_norm``: ``||W + s B A||`` per output row of an adapted tree.
+
+        A DoRA merge divides every row by this norm, and the merged weight no
+        longer records it (each merged row has norm m). Keep these leaves
+        before merging and pass them to ``unmerge`` with the adapter.
+
+        Raises:
+            ValueError: if the config does not use DoRA.
+        """
+        if not self.config.params.use_dora:
+            raise ValueError("weight_norms is for DoRA adapters; this LoRA config has use_dora=False.")
+        self._require(tree, self.adapter_keys(tree), "compute the DoRA norms of")
+        norms: Tree = {}
+        for target in self.lora_targets(tree):
+            norms[target.key_norm] = self._norm_of(target, tree)
+        return norms
+
+    def _norm_of(self, target: LoRATarget, tree: Mapping[str, Any]) -> torch.Tensor:
+        weight = tree[target.weight_key]
+        lora_a, lora_b = self._adapter_pair(tree, target, weight)
+        delta = target_delta(target, lora_a.detach(), lora_b.detach(), self.config.scale_of(target.name), weight.dtype)
+        norm = dora_norm(target, weight.detach().to(delta.dtype) + delta)
+        return norm.reshape(magnitude_shape(target, weight.shape))
+
     def unmerge(self, merged: Mapping[str, Any], adapter: Mapping[str, Any]) -> Tree:
+        targets = self.lora_targets(merged)
         adapter_keys = self.adapter_keys(merged)
-        extra = sorted(set(adapter) - adapter_keys)
+        norm_keys = {target.key_norm for target in targets} if self.config.params.use_dora else set()
+        extra = sorted(set(adapter) - adapter_keys - norm_keys)
         if extra:
             raise ValueError(
                 f"The adapter contains key(s) {', '.join(extra[:5])} that this LoRA config does not target; "
                 "pass the adapter leaves of this method only."
             )
         self._require(adapter, adapter_keys, "unmerge")
+        if norm_keys - set(adapter):
+            missing = sorted(norm_keys - set(adapter))
+            raise ValueError(
+                f"Unmerging DoRA needs the weight norms from before the merge, and the adapter has no "
+                f"{', '.join(repr(k) for k in missing[:3])}. Keep method.weight_norms(tree) before merging and pass "
+                "those leaves with the adapter."
+            )
         clash = sorted(adapter_keys & merged.keys())
         if clash:
             raise ValueError(f"The merged tree already contains adapter key(s) {', '.join(clash[:5])}; pass the output of merge.")
 
         restored: Tree = dict(merged)
         if not is_spec(merged):
-            for module in self.targets(merged):
-                weight_key = _weight_key(module)
-                lora_a, lora_b = self._adapter_pair(adapter, module, merged[weight_key])
-                restored[weight_key] = self._merged(module, merged[weight_key], lora_a, lora_b, sign=-1)
-                if self.config.params.lora_bias:
-                    bias_key = _leaf_key(module, "bias")
-                    self._require(merged, {bias_key}, "unmerge")
-                    lora_bias = self._lora_bias(adapter, module, merged[weight_key])
-                    # NOTE: a bias that merge created stays, holding zeros (up to rounding).
-                    restored[bias_key] = merge_bias(
-                        merged[bias_key], lora_bias, self.config.scale_of(module), merged[bias_key].dtype, sign=-1
-                    )
+            combined = {**merged, **adapter}
+            for target in targets:
+                restored.update(self._merge_target(target, combined, sign=-1))
         for key in sorted(adapter_keys):
             restored[key] = adapter[key]
         return restored
@@ -397,49 +746,70 @@ class LoRA(PeftMethod):
         return LoRAMergeMap(self.config, unmerge=False)
 
     def bind_forward(self, spec: Mapping[str, Any]) -> Callable[[Mapping[str, Any]], dict[str, list[WeightAdapter]]]:
-        targets = self.targets(spec)
-        scales = {module: self.config.scale_of(module) for module in targets}
-        dropout, transposed = self.config.params.dropout, self.config.params.fan_in_fan_out
-
-        with_bias = self.config.params.lora_bias
-        has_base_bias = {module: _leaf_key(module, "bias") in spec for module in targets}
+        targets = self.lora_targets(spec)
+        scales = {target.name: self.config.scale_of(target.name) for target in targets}
+        dropout = self.config.params.dropout
+        with_bias, with_dora = self.config.params.lora_bias, self.config.params.use_dora
+        has_base_bias = {target.name: target.bias_key in spec for target in targets}
 
         def bind(tree: Mapping[str, Any]) -> dict[str, list[WeightAdapter]]:
             adapters: dict[str, list[WeightAdapter]] = {}
-            for module in targets:
-                weight_key = _weight_key(module)
-                lora_a, lora_b = self._adapter_pair(tree, module, tree[weight_key])
-                lora_bias = self._lora_bias(tree, module, tree[weight_key]) if with_bias else None
-                if lora_bias is not None and has_base_bias[module]:
+            for target in targets:
+                weight = tree[target.weight_key]
+                lora_a, lora_b = self._adapter_pair(tree, target, weight)
+                lora_bias = self._lora_bias(tree, target, weight) if with_bias else None
+                magnitude = self._magnitude(tree, target, weight) if with_dora else None
+                if lora_bias is not None and has_base_bias[target.name]:
                     # The module's own bias leaf carries the LoRA bias wherever it is used.
-                    adapters[_leaf_key(module, "bias")] = [_LoRABias(module, lora_bias, scales[module])]
+                    adapters[target.bias_key] = [_LoRABias(target.module, lora_bias, scales[target.name])]
                     lora_bias = None
-                adapters[weight_key] = [_LoRAWeight(module, lora_a, lora_b, scales[module], dropout, transposed, lora_bias)]
+                adapters[target.weight_key] = [
+                    _LoRAWeight(target, lora_a, lora_b, scales[target.name], dropout, lora_bias, magnitude, weight if with_dora else None)
+                ]
             return adapters
 
         return bind
 
-    def _adapter_pair(self, tree: Mapping[str, Any], module: str, weight: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        key_a, key_b = _leaf_key(module, "lora_A"), _leaf_key(module, "lora_B")
-        self._require(tree, {key_a, key_b}, "use")
-        lora_a, lora_b = tree[key_a], tree[key_b]
-        rank = self.config.rank_of(module)
-        shape_a, shape_b = self._adapter_shapes(weight, rank)
+    def _adapter_pair(self, tree: Mapping[str, Any], target: LoRATarget | str, weight: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(target, str):
+            target = LoRATarget(target, _weight_key(target), "linear" if len(weight.shape) == 2 else "conv", self.config.params.fan_in_fan_out, target)
+        self._require(tree, {target.key_a, target.key_b}, "use")
+        lora_a, lora_b = tree[target.key_a], tree[target.key_b]
+        rank = self.config.rank_of(target.name)
+        shape_a, shape_b = adapter_shapes(target, tuple(weight.shape), rank)
         if tuple(lora_a.shape) != shape_a or tuple(lora_b.shape) != shape_b:
+            name_a, name_b = target.key_a.rpartition(".")[2], target.key_b.rpartition(".")[2]
             raise ValueError(
-                f"LoRA leaves of {module!r} have shapes {tuple(lora_a.shape)} (lora_A) and {tuple(lora_b.shape)} "
-                f"(lora_B), but a weight of shape {tuple(weight.shape)} with r={rank} needs "
+                f"LoRA leaves of {target.name!r} have shapes {tuple(lora_a.shape)} ({name_a}) and {tuple(lora_b.shape)} "
+                f"({name_b}), but a weight of shape {tuple(weight.shape)} with r={rank} needs "
                 f"{shape_a} and {shape_b}. Check that the adapter was made for this base model and this config's rank."
             )
         return lora_a, lora_b
 
-    def _lora_bias(self, tree: Mapping[str, Any], module: str, weight: Any) -> torch.Tensor:
-        key = _leaf_key(module, "lora_bias")
+    def _lora_bias(self, tree: Mapping[str, Any], target: LoRATarget | str, weight: Any) -> torch.Tensor:
+        if isinstance(target, str):
+            target = LoRATarget(target, _weight_key(target), "linear", self.config.params.fan_in_fan_out, target)
+        key = target.key_lora_bias
         self._require(tree, {key}, "use")
-        out_features = self._features(weight)[0]
+        out_features = target_features(target, tuple(weight.shape))[0]
         if tuple(tree[key].shape) != (out_features,):
             raise ValueError(f"LoRA bias {key!r} has shape {tuple(tree[key].shape)}, but the module's output size needs ({out_features},).")
         return tree[key]
+
+    def _magnitude(self, tree: Mapping[str, Any], target: LoRATarget, weight: Any) -> torch.Tensor:
+        key = target.key_magnitude
+        self._require(tree, {key}, "use")
+        expected = magnitude_shape(target, tuple(weight.shape))
+        if tuple(tree[key].shape) != expected:
+            raise ValueError(f"DoRA magnitude {key!r} has shape {tuple(tree[key].shape)}, but a weight of shape {tuple(weight.shape)} needs {expected}.")
+        return tree[key]
+
+    def _norm_leaf(self, tree: Mapping[str, Any], target: LoRATarget, weight: Any) -> torch.Tensor:
+        key = target.key_norm
+        expected = magnitude_shape(target, tuple(weight.shape))
+        if tuple(tree[key].shape) != expected:
+            raise ValueError(f"DoRA norm {key!r} has shape {tuple(tree[key].shape)}, but a weight of shape {tuple(weight.shape)} needs {expected}.")
+        return _magnitude_like(target, tree[key], weight.dim())
 
     def _merged(self, module: str, weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, *, sign: int = 1) -> torch.Tensor:
         return merge_weight(
@@ -461,7 +831,8 @@ class LoRAMergeMap(StateMap):
     """LoRA's merge as a map: ``(W, A, B) -> (W + s B A, A, B)``, every other key unchanged.
 
     With ``unmerge=True`` it is the inverse shear ``(W', A, B) -> (W' - s B A, A, B)``.
-    Not exact: the sum is rounded to the base dtype.
+    With DoRA the merge also outputs the norm leaf ``<target>.lora_weight_norm``
+    and the unmerge reads it back. Not exact: the sum is rounded to the base dtype.
     """
 
     config: LoRAConfig
@@ -473,39 +844,41 @@ class LoRAMergeMap(StateMap):
 
     def _plan(self, spec):
         method = LoRA(self.config)
+        params = self.config.params
+        action = "unmerge" if self.unmerge else "merge"
         groups: list[Group] = []
         done: set[str] = set()
-        for module in method.targets(spec):
-            keys = (_weight_key(module), _leaf_key(module, "lora_A"), _leaf_key(module, "lora_B"))
-            LoRA._require(spec, set(keys), "unmerge" if self.unmerge else "merge")
-            method._adapter_pair(spec, module, spec[keys[0]])
+        for target in method.lora_targets(spec):
+            keys = (target.weight_key, *method._leaf_keys(target))
+            LoRA._require(spec, set(keys), action)
+            method._adapter_pair(spec, target, spec[target.weight_key])
             inputs, outputs = keys, keys
-            if self.config.params.lora_bias:
-                lora_bias_key, bias_key = _leaf_key(module, "lora_bias"), _leaf_key(module, "bias")
-                LoRA._require(spec, {lora_bias_key}, "unmerge" if self.unmerge else "merge")
+            if params.use_dora:
+                if self.unmerge:
+                    LoRA._require(spec, {target.key_norm}, action)
+                    inputs = keys + (target.key_norm,)
+                else:
+                    outputs = keys + (target.key_norm,)
+            if params.lora_bias:
                 # A base without a bias gets one from the merge.
-                inputs = keys + (lora_bias_key,) + ((bias_key,) if bias_key in spec else ())
-                outputs = keys + (lora_bias_key, bias_key)
-            groups.append(Group(inputs, outputs, self._shear(keys, method, module)))
+                inputs = inputs + ((target.bias_key,) if target.bias_key in spec else ())
+                outputs = outputs + (target.bias_key,)
+            groups.append(Group(inputs, outputs, self._shear(method, target)))
             done.update(inputs)
         groups.extend(Group((key,), (key,), dict) for key in spec if key not in done)
         return groups
 
-    def _shear(self, keys: tuple[str, str, str], method: LoRA, module: str):
-        weight_key, key_a, key_b = keys
+    def _shear(self, method: LoRA, target: LoRATarget):
         sign = -1 if self.unmerge else 1
-        scale = self.config.scale_of(module)
-        with_bias = self.config.params.lora_bias
+        with_dora = self.config.params.use_dora
 
         def fn(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-            weight = tensors[weight_key]
             result = dict(tensors)
-            result[weight_key] = method._merged(module, weight, tensors[key_a], tensors[key_b], sign=sign)
-            if with_bias:
-                bias_key, lora_bias_key = _leaf_key(module, "bias"), _leaf_key(module, "lora_bias")
-                bias = tensors.get(bias_key)
-                dtype = bias.dtype if bias is not None else weight.dtype
-                result[bias_key] = merge_bias(bias, tensors[lora_bias_key], scale, dtype, sign=sign)
+            if with_dora and not self.unmerge:
+                result[target.key_norm] = method._norm_of(target, tensors)
+            result.update(method._merge_target(target, tensors, sign=sign))
+            if with_dora and self.unmerge:
+                del result[target.key_norm]
             return result
 
         return fn
