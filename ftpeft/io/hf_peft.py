@@ -48,11 +48,18 @@ _LORA_ON_DISK = re.compile(r"(?:base_model\.model\.)?(.*)\.lora_([AB])\.weight")
 _LORA_IN_TREE = re.compile(r"(.*)\.lora_([AB])")
 _LORA_BIAS_ON_DISK = re.compile(r"(?:base_model\.model\.)?(.*)\.lora_B\.bias")
 _LORA_BIAS_IN_TREE = re.compile(r"(.*)\.lora_bias")
+# Leaves PEFT stores under the same name as ftpeft, without a ".weight" suffix.
+_SAME_NAME_ON_DISK = re.compile(r"(?:base_model\.model\.)?(.*)\.(lora_embedding_[AB]|lora_magnitude_vector)")
+_EMBEDDING_IN_TREE = re.compile(r"(.*)\.lora_embedding_([AB])")
 
 
 def _is_lora_key(key: str) -> bool:
     """Return whether a key (in ftpeft's names) is a LoRA leaf rather than a saved module parameter."""
-    return bool(_LORA_IN_TREE.fullmatch(key) or _LORA_BIAS_IN_TREE.fullmatch(key))
+    return bool(_LORA_IN_TREE.fullmatch(key) or _LORA_BIAS_IN_TREE.fullmatch(key) or _SAME_NAME_ON_DISK.fullmatch(key))
+
+
+def _is_lora_disk_key(key: str) -> bool:
+    return bool(_LORA_ON_DISK.fullmatch(key) or _LORA_BIAS_ON_DISK.fullmatch(key) or _SAME_NAME_ON_DISK.fullmatch(key))
 
 
 class FtpeftWarning(UserWarning):
@@ -64,8 +71,9 @@ class HFPeftKeys(StateMap):
     """Translate adapter keys between PEFT's on-disk names and ftpeft's names.
 
     ``base_model.model.<path>.lora_A.weight`` <-> ``<path>.lora_A`` (and
-    ``lora_B``); any other key (a ``modules_to_save`` parameter)
-    ``base_model.model.<path>.<param>`` <-> ``<path>.<param>``. Reading also
+    ``lora_B``), ``base_model.model.<path>.lora_B.bias`` <-> ``<path>.lora_bias``;
+    any other key (``lora_embedding_A``, ``lora_magnitude_vector`` or a
+    ``modules_to_save`` parameter) ``base_model.model.<path>.<param>`` <-> ``<path>.<param>``. Reading also
     accepts keys without the ``base_model.model.`` prefix, which some
     integrations write; writing always adds it.
     """
@@ -75,7 +83,7 @@ class HFPeftKeys(StateMap):
     def reads(self, spec):
         if self.to_disk:
             return set(spec)
-        return {key for key in spec if key.startswith(_PREFIX) or _LORA_ON_DISK.fullmatch(key) or _LORA_BIAS_ON_DISK.fullmatch(key)}
+        return {key for key in spec if key.startswith(_PREFIX) or _is_lora_disk_key(key)}
 
     def _plan(self, spec):
         groups = []
@@ -95,6 +103,8 @@ class HFPeftKeys(StateMap):
             if match:
                 return f"{_PREFIX}{match.group(1)}.lora_B.bias"
             return _PREFIX + key
+        if not key.startswith(_PREFIX) and _SAME_NAME_ON_DISK.fullmatch(key):
+            return key
         match = _LORA_ON_DISK.fullmatch(key)
         if match:
             return f"{match.group(1)}.lora_{match.group(2)}"
@@ -164,6 +174,7 @@ def hf_peft_key_map() -> StateMap:
 _SUPPORTED = {
     "r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora", "fan_in_fan_out",
     "rank_pattern", "alpha_pattern", "modules_to_save", "bias", "init_lora_weights", "lora_bias",
+    "use_dora", "target_parameters",
 }
 # Fields that describe the adapter but do not change its math.
 _INFORMATIONAL = {
@@ -172,11 +183,9 @@ _INFORMATIONAL = {
 }
 # Fields ftpeft cannot honour yet: loading works only while each has this value.
 _UNSUPPORTED_DEFAULTS: dict[str, Any] = {
-    "use_dora": False,
     "layers_to_transform": None,
     "layers_pattern": None,
     "exclude_modules": None,
-    "target_parameters": None,
     "layer_replication": None,
     "trainable_token_indices": None,
     "use_qalora": False,
@@ -251,15 +260,22 @@ def read_hf_peft_config(directory: str | os.PathLike) -> HFPeftConfig:
         )
 
     targets = raw.get("target_modules")
+    parameters = raw.get("target_parameters") or None
+    if parameters is not None and not (isinstance(parameters, list) and all(isinstance(name, str) for name in parameters)):
+        raise ValueError(f"{str(path)!r} has target_parameters = {parameters!r}; give a list of parameter names.")
+    pattern: str | list[str] | None
     if isinstance(targets, str):
-        pattern: str | list[str] = targets
+        pattern = targets
     elif isinstance(targets, list) and targets:
         pattern = [re.escape(name) for name in targets]
+    elif parameters is not None and not targets:
+        pattern = None
     else:
         raise ValueError(f"{str(path)!r} has target_modules = {targets!r}; give a list of module names or a regex string.")
 
     lora = LoRAConfig(
         module_name_pattern=pattern,
+        parameter_pattern=[re.escape(name) for name in parameters] if parameters else None,
         params=LoRAParameters(
             r=raw.get("r", 8),
             alpha=raw.get("lora_alpha", 8),
@@ -267,6 +283,7 @@ def read_hf_peft_config(directory: str | os.PathLike) -> HFPeftConfig:
             use_rslora=bool(raw.get("use_rslora", False)),
             fan_in_fan_out=bool(raw.get("fan_in_fan_out", False)),
             lora_bias=bool(raw.get("lora_bias", False)),
+            use_dora=bool(raw.get("use_dora", False)),
             init="gaussian" if init == "gaussian" else "kaiming_uniform",
         ),
         rank_pattern=raw.get("rank_pattern") or {},
@@ -331,15 +348,30 @@ def load_hf_peft_adapter(
     on_disk = _read_weights(directory)
     adapter = _cleanup_map(key_map)(on_disk, passthrough=True)
 
-    lora_modules = sorted({match.group(1) for key in adapter if (match := _LORA_IN_TREE.fullmatch(key))})
+    lora = hf_config.lora
+    if lora.parameter_pattern is not None:
+        if base is None:
+            raise ValueError(
+                f"{str(directory)!r} adapts parameters directly (target_parameters), and PEFT names their leaves by the "
+                "order of the parameters in their module. Pass base= (the base tree or spec_of(model)) to load it."
+            )
+        adapter = _expert_names(lora, base)(adapter, passthrough=True)
+
+    embeddings = sorted({match.group(1) for key in adapter if (match := _EMBEDDING_IN_TREE.fullmatch(key))})
+    if embeddings:
+        lora = lora.model_copy(update={"embedding_pattern": _exact_pattern(embeddings)})
+    parameter_targets = set(_lora_targets(lora, base)) - set(_module_targets(lora, base)) if base is not None else set()
+    lora_names = sorted(
+        {match.group(1) for key in adapter if (match := _LORA_IN_TREE.fullmatch(key) or _EMBEDDING_IN_TREE.fullmatch(key))}
+    )
+    lora_modules = [name for name in lora_names if name not in parameter_targets]
     saved_keys = [key for key in adapter if not _is_lora_key(key)]
-    if not lora_modules:
+    if not lora_names:
         raise ValueError(f"{str(directory)!r} contains no LoRA tensors (keys such as 'base_model.model.<path>.lora_A.weight').")
 
-    lora = hf_config.lora
     if base is not None:
         _bind(directory, lora, adapter, lora_modules, saved_keys, base)
-        if sorted(_lora_targets(lora, base)) != lora_modules:
+        if lora_modules and sorted(_module_targets(lora, base)) != lora_modules:
             lora = lora.model_copy(update={"module_name_pattern": _exact_pattern(lora_modules)})
     elif hf_config.extra.get("target_modules") == "all-linear":
         lora = lora.model_copy(update={"module_name_pattern": _exact_pattern(lora_modules)})
@@ -348,6 +380,35 @@ def load_hf_peft_adapter(
         return lora, adapter
     saved_modules = sorted({module_path(key) for key in saved_keys})
     return PeftStackConfig(methods=[lora, FullTuneConfig(module_name_pattern=_exact_pattern(saved_modules))]), adapter
+
+
+def _expert_names(lora: LoRAConfig, base: Mapping[str, Any]) -> StateMap:
+    """Return the map from PEFT's names of parameter-target leaves to ftpeft's.
+
+    PEFT wraps each targeted parameter of a module in one more layer, in the
+    order the module registers its parameters, so the first one's leaves sit
+    under the most ``base_layer`` segments: with ``gate_up_proj`` and
+    ``down_proj`` targeted, ``experts.base_layer.lora_A`` is gate_up_proj's
+    and ``experts.lora_A`` down_proj's (checked against peft 0.21.2).
+    """
+    from ..maps import rename
+    from ..methods.lora import LoRA
+
+    targets = [target for target in LoRA(lora).lora_targets(base) if target.name == target.weight_key]
+    by_module: dict[str, list[str]] = {}
+    for target in targets:
+        by_module.setdefault(target.module, []).append(target.name)
+    pairs = {}
+    for module, names in by_module.items():
+        for index, name in enumerate(names):
+            wrapped = _leaf(module, ".".join(["base_layer"] * (len(names) - 1 - index)))
+            for leaf in ("lora_A", "lora_B"):
+                pairs[_leaf(wrapped, leaf)] = f"{name}.{leaf}"
+    return rename(pairs)
+
+
+def _leaf(path: str, name: str) -> str:
+    return ".".join(part for part in (path, name) if part)
 
 
 def _exact_pattern(paths: list[str]) -> str:
@@ -359,6 +420,17 @@ def _lora_targets(lora: LoRAConfig, base: Mapping[str, Any]) -> list[str]:
 
     try:
         return LoRA(lora).targets(base)
+    except ValueError:
+        return []
+
+
+def _module_targets(lora: LoRAConfig, base: Mapping[str, Any]) -> list[str]:
+    from ..methods.lora import LoRA
+
+    if lora.module_name_pattern is None:
+        return []
+    try:
+        return LoRA(lora.model_copy(update={"parameter_pattern": None})).targets(base)
     except ValueError:
         return []
 
@@ -375,12 +447,17 @@ def _bind(directory: Path, lora: LoRAConfig, adapter: Tree, lora_modules: list[s
         )
     from ..methods.lora import LoRA
 
-    method = LoRA(lora)
-    for module in lora_modules:
-        weight = TensorSpec.of(base[f"{module}.weight"])
+    bound = lora
+    if lora_modules:
+        bound = lora.model_copy(update={"module_name_pattern": _exact_pattern(lora_modules)})
+    method = LoRA(bound)
+    for target in method.lora_targets(base):
+        weight = TensorSpec.of(base[target.weight_key])
         try:
-            method._adapter_pair(adapter, module, weight)
-        except ValueError as error:
+            method._adapter_pair(adapter, target, weight)
+            if lora.params.use_dora:
+                method._magnitude(adapter, target, weight)
+        except (ValueError, KeyError) as error:
             raise ValueError(f"Adapter from {str(directory)!r} does not fit the base: {error} Is the adapter for another base model?") from None
     for key in saved_keys:
         if tuple(adapter[key].shape) != TensorSpec.of(base[key]).shape:
@@ -397,6 +474,7 @@ def save_hf_peft_adapter(
     *,
     key_map: StateMap | None = None,
     extra: Mapping[str, Any] | None = None,
+    base: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write a PEFT LoRA adapter folder that ``peft.PeftModel.from_pretrained`` loads.
 
@@ -412,6 +490,9 @@ def save_hf_peft_adapter(
         extra: more ``adapter_config.json`` fields, for example
             ``{"base_model_name_or_path": "..."}`` or the ``extra`` of
             ``read_hf_peft_config`` to write back what was read.
+        base: the base tree or spec. Needed when the config has a
+            ``parameter_pattern``, because PEFT names those leaves by the
+            order of the parameters in their module.
 
     Returns:
         The folder.
@@ -420,12 +501,19 @@ def save_hf_peft_adapter(
     keys_in_tree = compose(RemoveSegment("_orig_mod"), RemoveSegment("module", leading_only=True))(dict(adapter), passthrough=True)
     if set(keys_in_tree) != set(adapter):
         warnings.warn("Adapter keys held '_orig_mod' or a leading 'module' segment; they are written without it.", FtpeftWarning, stacklevel=2)
+    if lora.parameter_pattern is not None:
+        if base is None:
+            raise ValueError(
+                "The config adapts parameters directly (parameter_pattern), and PEFT names their leaves by the order of "
+                "the parameters in their module. Pass base= (the base tree or spec_of(model)) to save it."
+            )
+        keys_in_tree = _expert_names(lora, base).inverse()(keys_in_tree, passthrough=True)
     forward_map = key_map.inverse() if key_map is not None else identity
     on_disk = compose(forward_map, HFPeftKeys(to_disk=True))(keys_in_tree, passthrough=True)
 
     # modules_to_save names the modules by PEFT's paths, so take them from the on-disk keys.
     saved_modules = sorted(
-        {module_path(key[len(_PREFIX) :]) for key in on_disk if not (_LORA_ON_DISK.fullmatch(key) or _LORA_BIAS_ON_DISK.fullmatch(key))}
+        {module_path(key[len(_PREFIX) :]) for key in on_disk if not _is_lora_disk_key(key)}
     )
     if saved_modules and not full_tunes:
         raise ValueError(
@@ -433,6 +521,11 @@ def save_hf_peft_adapter(
             "member to save them as modules_to_save."
         )
     data = _config_json(lora, saved_modules, extra or {}, key_map)
+    if lora.parameter_pattern is not None and not isinstance(data["target_parameters"], list):
+        # PEFT reads target_parameters as names, not regular expressions, so write the keys the pattern matched.
+        from ..methods.lora import LoRA
+
+        data["target_parameters"] = [t.name for t in LoRA(lora).lora_targets(base) if t.name == t.weight_key]
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -474,7 +567,7 @@ def _config_json(lora: LoRAConfig, saved_modules: list[str], extra: Mapping[str,
         return int(value) if float(value).is_integer() else value
 
     params = lora.params
-    target_modules: Any = _plain_names(lora.module_name_pattern)
+    target_modules: Any = _plain_names(lora.module_name_pattern) if lora.module_name_pattern is not None else []
     original_targets = extra.get("target_modules")
     if original_targets is not None:
         target_modules = original_targets
@@ -482,7 +575,9 @@ def _config_json(lora: LoRAConfig, saved_modules: list[str], extra: Mapping[str,
         logger.warning("target_modules is a regex over ftpeft's module paths; key_map may have renamed them.")
 
     data: dict[str, Any] = {
-        **{key: default for key, default in _UNSUPPORTED_DEFAULTS.items() if key in ("use_dora", "layers_to_transform", "layers_pattern", "exclude_modules", "target_parameters")},
+        **{key: default for key, default in _UNSUPPORTED_DEFAULTS.items() if key in ("layers_to_transform", "layers_pattern", "exclude_modules")},
+        "use_dora": params.use_dora,
+        "target_parameters": _plain_names(lora.parameter_pattern) if lora.parameter_pattern is not None else None,
         "lora_bias": params.lora_bias,
         "alpha_pattern": {key: number(value) for key, value in lora.alpha_pattern.items()},
         "base_model_name_or_path": None,
