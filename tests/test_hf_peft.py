@@ -196,7 +196,7 @@ def test_unknown_fields_are_kept_with_a_warning(tmp_path):
     assert json.loads((tmp_path / "b" / "adapter_config.json").read_text())["future_option"] == {"x": 1}
 
 
-@pytest.mark.parametrize(("field", "value"), [("use_dora", True), ("bias", "all"), ("init_lora_weights", "pissa"), ("layers_to_transform", [0])])
+@pytest.mark.parametrize(("field", "value"), [("use_qalora", True), ("bias", "all"), ("init_lora_weights", "pissa"), ("layers_to_transform", [0])])
 def test_unsupported_field_is_named(tmp_path, field, value):
     write_adapter(tmp_path, {"peft_type": "LORA", "r": 2, "lora_alpha": 2, "target_modules": ["q"], field: value}, {"base_model.model.q.lora_A.weight": torch.zeros(2, 4), "base_model.model.q.lora_B.weight": torch.zeros(4, 2)})
 

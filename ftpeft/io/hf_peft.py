@@ -347,6 +347,7 @@ def load_hf_peft_adapter(
     hf_config = read_hf_peft_config(directory)
     on_disk = _read_weights(directory)
     adapter = _cleanup_map(key_map)(on_disk, passthrough=True)
+    adapter = _base_layer_copies(_lora_paths(adapter)).inverse()(adapter, passthrough=True)
 
     lora = hf_config.lora
     if lora.parameter_pattern is not None:
@@ -380,6 +381,63 @@ def load_hf_peft_adapter(
         return lora, adapter
     saved_modules = sorted({module_path(key) for key in saved_keys})
     return PeftStackConfig(methods=[lora, FullTuneConfig(module_name_pattern=_exact_pattern(saved_modules))]), adapter
+
+
+def _lora_paths(adapter: Mapping[str, Any]) -> set[str]:
+    """Return the module paths (or, for directly targeted parameters, PEFT's wrapper paths) that own LoRA leaves."""
+    paths = set()
+    for key in adapter:
+        match = _LORA_IN_TREE.fullmatch(key) or _LORA_BIAS_IN_TREE.fullmatch(key) or _SAME_NAME_ON_DISK.fullmatch(key)
+        if match:
+            paths.add(match.group(1))
+    return paths
+
+
+def _base_layer_copies(lora_paths: set[str]) -> StateMap:
+    """Return the map from ftpeft's names of saved base parameters of LoRA targets to PEFT's ``<path>.base_layer.<param>``.
+
+    PEFT saves a targeted embedding's own table beside its adapter (its
+    ``save_embedding_layers``, on by default when an embedding is targeted),
+    under ``<path>.base_layer.weight``. In ftpeft that table is a FullTune leaf.
+    """
+
+    def to_disk(key: str) -> str | None:
+        path, _, name = key.rpartition(".")
+        if path in lora_paths and not _is_lora_key(key):
+            return f"{path}.base_layer.{name}"
+        return None
+
+    return _KeyRewrite(to_disk)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _KeyRewrite(StateMap):
+    """Rename the keys for which ``to_disk`` returns a new name; the inverse undoes it."""
+
+    to_disk: Any
+    reverse: bool = False
+
+    def _rename(self, key: str) -> str | None:
+        if not self.reverse:
+            return self.to_disk(key)
+        path, _, name = key.rpartition(".")
+        if path.endswith(".base_layer") and self.to_disk(f"{path.removesuffix('.base_layer')}.{name}") == key:
+            return f"{path.removesuffix('.base_layer')}.{name}"
+        return None
+
+    def reads(self, spec):
+        return {key for key in spec if self._rename(key) is not None}
+
+    def _plan(self, spec):
+        groups = []
+        for key in spec:
+            new = self._rename(key)
+            if new is not None:
+                groups.append(Group((key,), (new,), lambda tensors, key=key, new=new: {new: tensors[key]}))
+        return groups
+
+    def inverse(self) -> StateMap:
+        return _KeyRewrite(self.to_disk, not self.reverse)
 
 
 def _expert_names(lora: LoRAConfig, base: Mapping[str, Any]) -> StateMap:
@@ -508,12 +566,13 @@ def save_hf_peft_adapter(
                 "the parameters in their module. Pass base= (the base tree or spec_of(model)) to save it."
             )
         keys_in_tree = _expert_names(lora, base).inverse()(keys_in_tree, passthrough=True)
+    keys_in_tree = _base_layer_copies(_lora_paths(keys_in_tree))(keys_in_tree, passthrough=True)
     forward_map = key_map.inverse() if key_map is not None else identity
     on_disk = compose(forward_map, HFPeftKeys(to_disk=True))(keys_in_tree, passthrough=True)
 
     # modules_to_save names the modules by PEFT's paths, so take them from the on-disk keys.
     saved_modules = sorted(
-        {module_path(key[len(_PREFIX) :]) for key in on_disk if not _is_lora_disk_key(key)}
+        {module_path(key[len(_PREFIX) :]) for key in on_disk if not _is_lora_disk_key(key) and ".base_layer." not in key}
     )
     if saved_modules and not full_tunes:
         raise ValueError(
