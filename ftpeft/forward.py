@@ -127,7 +127,8 @@ class _AdaptedWeights(TorchFunctionMode):
         for adapter in chain:
             output = adapter.add_to_output(x, output, training)
             if output is None:
-                return self._call_with(func, args, kwargs, self._materialise_if_adapted(weight))
+                fallback = self._call_with(func, args, kwargs, self._materialise_if_adapted(weight))
+                return _add_output_biases(fallback, chain, channel_dim=-1)
         return output if bias is None else output + bias
 
     def _embedding(self, func, args, kwargs):
@@ -197,15 +198,15 @@ class _AdaptedWeights(TorchFunctionMode):
         if entry is None:
             return None
         x, weight, *rest = args
-        bias, stride, padding, dilation, groups = (rest + [None, 1, 0, 1, 1][len(rest):])[:5]
-        if groups != 1:
-            return None
+        _, stride, padding, dilation, groups = (rest + [None, 1, 0, 1, 1][len(rest):])[:5]
         args, _ = self._materialise_others(args, {}, weight)
         output = func(*args)
         for adapter in entry[1]:
             output = adapter.conv_add(func, x, output, stride, padding, dilation, groups, entry[2])
             if output is None:
-                return None
+                # Grouped kernels (and DoRA) run on the materialised kernel, plus any bias no leaf carries.
+                fallback = func(args[0], self._materialise_if_adapted(weight), *args[2:])
+                return _add_output_biases(fallback, entry[1], channel_dim=1)
         return output
 
     def _materialise_others(self, args: tuple, kwargs: dict, weight: torch.Tensor) -> tuple[tuple, dict]:
@@ -252,6 +253,17 @@ class _AdaptedWeights(TorchFunctionMode):
                 cached = adapter.materialise(cached)
             self._materialised[id(weight)] = cached
         return cached
+
+
+def _add_output_biases(output: torch.Tensor, chain: list[WeightAdapter], *, channel_dim: int) -> torch.Tensor:
+    """Add each adapter's ``output_bias`` along the output channels (the last dim of a linear, dim 1 of a convolution)."""
+    for adapter in chain:
+        bias = adapter.output_bias
+        if bias is not None:
+            shape = [1] * output.dim()
+            shape[channel_dim] = -1
+            output = output + bias.view(shape).to(output.dtype)
+    return output
 
 
 def _tied_names(model: nn.Module) -> dict[str, tuple[str, ...]]:

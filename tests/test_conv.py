@@ -143,3 +143,20 @@ def test_conv1d_matches_peft():
 
     torch.testing.assert_close(functional_forward(model, method)(tree, x), peft_model.eval()(x), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(method.merge(tree)["0.weight"], peft_model.merge_and_unload().state_dict()["0.weight"], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_conv_lora_bias_without_base_bias(groups):
+    model = nn.Conv2d(4, 6, 3, groups=groups, bias=False)
+    method = peft_method_from_config(LoRAConfig(module_name_pattern=".*", params=LoRAParameters(r=2, alpha=4, lora_bias=True)))
+    generator = torch.Generator().manual_seed(0)
+    tree = {k: (torch.randn(v.shape, generator=generator) if "lora" in k else v) for k, v in method.inject(state_of(model)).items()}
+    x = torch.randn(2, 4, 5, 5)
+
+    out = functional_forward(model, method)(tree, x)
+    merged = method.merge(tree)
+
+    kernel = tree["weight"] + 2.0 * (tree["lora_B"].flatten(1) @ tree["lora_A"].flatten(1)).view(tree["weight"].shape)
+    expected = F.conv2d(x, kernel, 2.0 * tree["lora_bias"], groups=groups)
+    torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(merged["bias"], 2.0 * tree["lora_bias"])

@@ -36,6 +36,15 @@ class WeightAdapter(abc.ABC):
     def materialise(self, weight: torch.Tensor) -> torch.Tensor:
         """Return the adapted weight as one dense tensor of the base weight's shape and dtype."""
 
+    @property
+    def output_bias(self) -> torch.Tensor | None:
+        """Return a bias the adapter adds to the op's output (over the output channel dim), or None.
+
+        The forward adds it after ``F.linear`` or a convolution that falls
+        back to the materialised weight, since no weight can carry it.
+        """
+        return None
+
     def linear_delta(self, x: torch.Tensor, training: bool) -> torch.Tensor | None:
         """Return what the adapter adds to ``F.linear(x, weight, bias)`` (or to ``x @ weight`` when transposed), or None.
 

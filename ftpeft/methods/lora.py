@@ -314,11 +314,18 @@ class _LoRAWeight(WeightAdapter):
             return squares.clamp_min(0).sqrt()
 
     def conv_add(self, func, x, output, stride, padding, dilation, groups, training) -> torch.Tensor | None:
-        if self.target.kind != "conv" or groups != 1 or self.lora_bias is not None or self.magnitude is not None:
+        if self.target.kind != "conv" or groups != 1 or self.magnitude is not None:
             return None
         # conv(conv(x, A), B) with B a 1x1 kernel equals conv(x, B A), the kernel update merge adds.
         low = func(self._low_rank_input(x, training), self.lora_a, None, stride, padding, dilation, 1)
-        return output + (func(low, self.lora_b) * self.scale).to(output.dtype)
+        output = output + (func(low, self.lora_b) * self.scale).to(output.dtype)
+        bias = self.output_bias
+        return output if bias is None else output + bias.view(-1, *(1,) * (output.dim() - 2)).to(output.dtype)
+
+    @property
+    def output_bias(self) -> torch.Tensor | None:
+        """Return ``s * lora_bias`` when the module has no bias leaf to carry it, else None."""
+        return None if self.lora_bias is None else self.lora_bias * self.scale
 
     def lookup_add(self, ids: torch.Tensor, output: torch.Tensor, padding_idx: int | None, scale_grad_by_freq: bool, sparse: bool) -> torch.Tensor | None:
         if self.target.kind != "embedding" or self.magnitude is not None:
