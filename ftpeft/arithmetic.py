@@ -436,6 +436,21 @@ def _lora_pairs(config: LoRAConfig, adapter: Mapping[str, torch.Tensor], label: 
             f"{label}: the config has lora_bias=True, which adapter arithmetic does not support; "
             "merge the adapter into the base tree with LoRA(config).merge instead."
         )
+    # NOTE: DoRA's magnitude is not linear in the update, and embedding and expert leaves use other layouts.
+    unsupported = [
+        name
+        for name, value in (
+            ("use_dora=True", config.params.use_dora),
+            ("embedding_pattern", config.embedding_pattern is not None),
+            ("parameter_pattern", config.parameter_pattern is not None),
+        )
+        if value
+    ]
+    if unsupported:
+        raise ValueError(
+            f"{label}: the config sets {', '.join(unsupported)}, which adapter arithmetic does not support; it combines "
+            "LoRA on linear and convolution weights only. Merge the adapter into the base tree with LoRA(config).merge instead."
+        )
 
     leaves: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in adapter.items():

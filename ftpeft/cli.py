@@ -46,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
         # Library messages name the Python argument; on the command line the flag does the same job.
         message = message.replace("Pass key_map=replace_prefix(old, new)", "Pass --rename-prefix OLD=NEW")
+        message = message.replace("Pass base= (the base tree or spec_of(model))", "Pass --base BASE_DIR (the base checkpoint)")
         print(f"ftpeft {options.command}: error: {message}", file=sys.stderr)
         return 1
     return 0
@@ -87,6 +88,12 @@ def _parser() -> argparse.ArgumentParser:
     convert.add_argument("source", type=Path, metavar="SOURCE_DIR", help="adapter folder, either layout")
     convert.add_argument("target", type=Path, metavar="TARGET_DIR", help="output folder")
     convert.add_argument("--to", choices=["peft", "ftpeft"], required=True, help="layout to write")
+    convert.add_argument(
+        "--base",
+        type=Path,
+        metavar="BASE_DIR",
+        help="checkpoint directory of the base model; needed to read a PEFT adapter that targets parameters directly (target_parameters)",
+    )
     convert.set_defaults(run=_convert)
     return parser
 
@@ -200,14 +207,20 @@ def _inspect_adapter(path: Path) -> None:
     layout = "ftpeft" if (path / "ftpeft_config.json").is_file() else "PEFT"
     print(f"{layout} adapter: {config.kind}, {len(adapter)} tensors")
     if lora is not None:
-        modules = sorted({key.rsplit(".", 1)[0] for key in adapter if key.endswith(".lora_A")})
+        names = {key.rsplit(".", 1)[0]: key.rsplit(".", 1)[1][:-2] for key in adapter if key.endswith((".lora_A", ".lora_embedding_A"))}
+        modules = sorted(names)
         width = max((len(m) for m in modules), default=6)
         print(f"{'module':{width}}  {'rank':>4}  {'scale':>8}  {'lora_A':>12}  {'lora_B':>12}")
         for module in modules:
-            shape_a, shape_b = tuple(adapter[f"{module}.lora_A"].shape), tuple(adapter[f"{module}.lora_B"].shape)
+            prefix = f"{module}.{names[module]}"
+            shape_a, shape_b = tuple(adapter[f"{prefix}_A"].shape), tuple(adapter[f"{prefix}_B"].shape)
             print(f"{module:{width}}  {lora.rank_of(module):>4}  {lora.scale_of(module):>8.4g}  {str(shape_a):>12}  {str(shape_b):>12}")
-        print(f"LoRA on {len(modules)} modules, r={lora.params.r}, alpha={lora.params.alpha:g}, rsLoRA={lora.params.use_rslora}")
-    others = sorted(key for key in adapter if not key.endswith((".lora_A", ".lora_B", ".lora_bias")))
+        print(
+            f"LoRA on {len(modules)} modules, r={lora.params.r}, alpha={lora.params.alpha:g}, "
+            f"rsLoRA={lora.params.use_rslora}, DoRA={lora.params.use_dora}"
+        )
+    lora_leaves = (".lora_A", ".lora_B", ".lora_bias", ".lora_embedding_A", ".lora_embedding_B", ".lora_magnitude_vector")
+    others = sorted(key for key in adapter if not key.endswith(lora_leaves))
     if others:
         print(f"fully trained tensors: {', '.join(others)}")
 
@@ -218,16 +231,26 @@ PEFT_EXTRA_NAME = "peft_extra.json"
 
 def _convert(options: argparse.Namespace) -> None:
     from .io import read_hf_peft_config, save_adapter, save_hf_peft_adapter
+    from .methods import LoRAConfig
 
     if options.target.resolve() == options.source.resolve():
         raise UserError("TARGET_DIR must differ from SOURCE_DIR, so that the source adapter is never overwritten.")
-    config, adapter = _read_adapter(options.source)
+    from .io import checkpoint_spec
+
+    base = checkpoint_spec(options.base) if options.base is not None else None
+    config, adapter = _read_adapter(options.source, base=base)
     from_peft = (options.source / "adapter_config.json").is_file()
     extra = read_hf_peft_config(options.source).extra if from_peft else None
     if options.to == "peft":
         kept = options.source / PEFT_EXTRA_NAME
         if extra is None and kept.is_file():
             extra = json.loads(kept.read_text())
+        lora = config if isinstance(config, LoRAConfig) else next((m for m in config.methods if isinstance(m, LoRAConfig)), None)
+        if lora is not None and lora.parameter_pattern is not None:
+            raise UserError(
+                "PEFT names the leaves of directly targeted parameters by the order of the parameters in their module, "
+                "which a checkpoint does not record. Call ftpeft.io.save_hf_peft_adapter(..., base=spec_of(model)) from Python."
+            )
         save_hf_peft_adapter(options.target, config, adapter, extra=extra)
     else:
         save_adapter(options.target, config, adapter)

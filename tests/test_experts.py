@@ -141,7 +141,8 @@ def test_mixtral_experts_match_peft(implementation, tmp_path):
     save_hf_peft_adapter(tmp_path / "ours", config, adapter, base=spec_of(model))
     reloaded = peft.PeftModel.from_pretrained(copy.deepcopy(model), tmp_path / "ours")
 
-    assert config.parameter_pattern == [r"experts\.gate_up_proj", r"experts\.down_proj"]
+    # peft writes target_parameters from a set, so their order varies.
+    assert sorted(config.parameter_pattern) == [r"experts\.down_proj", r"experts\.gate_up_proj"]
     assert adapter["model.layers.0.mlp.experts.gate_up_proj.lora_A"].shape == (6, 16)
     assert adapter["model.layers.0.mlp.experts.down_proj.lora_A"].shape == (6, 8)
     torch.testing.assert_close(out, reference(ids).logits, atol=1e-5, rtol=0)
@@ -180,3 +181,19 @@ def test_expert_adapter_needs_base_to_load_and_save(tmp_path):
     config, adapter = load_hf_peft_adapter(tmp_path / "peft", base=spec_of(model))
     with pytest.raises(ValueError, match="parameter_pattern.*Pass base="):
         save_hf_peft_adapter(tmp_path / "ours", config, adapter)
+
+
+def test_sorted_base_keys_still_bind_experts(tmp_path):
+    peft = pytest.importorskip("peft")
+    model = tiny_mixtral("eager")
+    targets = ["experts.gate_up_proj", "experts.down_proj"]
+    reference = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(r=2, lora_alpha=4, target_modules=[], target_parameters=targets, init_lora_weights=False))
+    reference.save_pretrained(tmp_path / "peft")
+    ids = torch.tensor([[2, 4, 6]])
+    # A checkpoint lists its keys sorted, which puts down_proj before gate_up_proj; the leaf shapes decide.
+    sorted_base = dict(sorted(spec_of(model).items()))
+
+    config, adapter = load_hf_peft_adapter(tmp_path / "peft", base=sorted_base)
+    out = functional_forward(model, peft_method_from_config(config))({**model.state_dict(), **adapter}, ids).logits
+
+    torch.testing.assert_close(out, reference(ids).logits, atol=1e-5, rtol=0)

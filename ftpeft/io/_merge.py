@@ -10,7 +10,7 @@ import torch
 
 from ..maps import Group, StateMap
 from ..methods import FullTune, LoRA, PeftMethod, PeftStack
-from ..methods.lora import merge_bias
+from ..methods.lora import LoRATarget, merge_bias
 from ..tree import TensorSpec
 
 __all__ = ["AdapterMerge"]
@@ -45,14 +45,16 @@ class AdapterMerge(StateMap):
         created: list[Group] = []
         for method in members:
             if isinstance(method, LoRA):
-                for module in method.targets(spec):
-                    weight_key = f"{module}.weight" if module else "weight"
-                    lora_a, lora_b = method._adapter_pair(self.adapter, module, spec[weight_key])
-                    changes.setdefault(weight_key, []).append(_shear(method, module, lora_a, lora_b))
+                for target in method.lora_targets(spec):
+                    weight_key = target.weight_key
+                    method._adapter_pair(self.adapter, target, spec[weight_key])
+                    method._require(self.adapter, set(method._leaf_keys(target)), "merge")
+                    leaves = {key: self.adapter[key] for key in method._leaf_keys(target)}
+                    changes.setdefault(weight_key, []).append(_shear(method, target, leaves))
                     if method.config.params.lora_bias:
-                        bias_key = f"{module}.bias" if module else "bias"
-                        lora_bias = method._lora_bias(self.adapter, module, spec[weight_key])
-                        scale = method.config.scale_of(module)
+                        bias_key = target.bias_key
+                        lora_bias = method._lora_bias(self.adapter, target, spec[weight_key])
+                        scale = method.config.scale_of(target.name)
                         if bias_key in spec:
                             changes.setdefault(bias_key, []).append(_add_bias(lora_bias, scale))
                         else:
@@ -79,12 +81,13 @@ def _members(method: PeftMethod) -> list[PeftMethod]:
     return [method]
 
 
-def _shear(method: LoRA, module: str, lora_a: torch.Tensor, lora_b: torch.Tensor):
+def _shear(method: LoRA, target: LoRATarget, leaves: dict[str, torch.Tensor]):
     def fn(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         ((key, weight),) = tensors.items()
         if weight.device.type == "meta":
             return {key: weight}
-        return {key: method._merged(module, weight, lora_a, lora_b)}
+        # The bias, when LoRA changes it, has its own group; only the weight is taken here.
+        return {key: method._merge_target(target, {**leaves, key: weight}, sign=1)[key]}
 
     return fn
 

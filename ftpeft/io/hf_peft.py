@@ -9,6 +9,7 @@ the format were checked against peft 0.21.2.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 import os
@@ -356,7 +357,7 @@ def load_hf_peft_adapter(
                 f"{str(directory)!r} adapts parameters directly (target_parameters), and PEFT names their leaves by the "
                 "order of the parameters in their module. Pass base= (the base tree or spec_of(model)) to load it."
             )
-        adapter = _expert_names(lora, base)(adapter, passthrough=True)
+        adapter = _expert_names(lora, base, adapter)(adapter, passthrough=True)
 
     embeddings = sorted({match.group(1) for key in adapter if (match := _EMBEDDING_IN_TREE.fullmatch(key))})
     if embeddings:
@@ -440,28 +441,48 @@ class _KeyRewrite(StateMap):
         return _KeyRewrite(self.to_disk, not self.reverse)
 
 
-def _expert_names(lora: LoRAConfig, base: Mapping[str, Any]) -> StateMap:
+def _expert_names(lora: LoRAConfig, base: Mapping[str, Any], adapter: Mapping[str, Any] | None = None) -> StateMap:
     """Return the map from PEFT's names of parameter-target leaves to ftpeft's.
 
     PEFT wraps each targeted parameter of a module in one more layer, in the
     order the module registers its parameters, so the first one's leaves sit
     under the most ``base_layer`` segments: with ``gate_up_proj`` and
     ``down_proj`` targeted, ``experts.base_layer.lora_A`` is gate_up_proj's
-    and ``experts.lora_A`` down_proj's (checked against peft 0.21.2).
+    and ``experts.lora_A`` down_proj's (checked against peft 0.21.2). The
+    order is taken from ``base``'s keys, which is right for
+    ``spec_of(model)`` but not for a checkpoint's sorted keys; so when
+    ``adapter`` is given (loading), the order whose leaf shapes fit wins.
     """
     from ..maps import rename
-    from ..methods.lora import LoRA
+    from ..methods.lora import LoRA, adapter_shapes
 
-    targets = [target for target in LoRA(lora).lora_targets(base) if target.name == target.weight_key]
-    by_module: dict[str, list[str]] = {}
+    method = LoRA(lora)
+    targets = [target for target in method.lora_targets(base) if target.name == target.weight_key]
+    by_module: dict[str, list] = {}
     for target in targets:
-        by_module.setdefault(target.module, []).append(target.name)
+        by_module.setdefault(target.module, []).append(target)
+
+    def wrapped(module: str, depth: int) -> str:
+        return _leaf(module, ".".join(["base_layer"] * depth))
+
+    def fits(module: str, order: tuple) -> bool:
+        for index, target in enumerate(order):
+            path = wrapped(module, len(order) - 1 - index)
+            shape_a, shape_b = adapter_shapes(target, TensorSpec.of(base[target.weight_key]).shape, lora.rank_of(target.name))
+            leaf_a, leaf_b = adapter.get(f"{path}.lora_A"), adapter.get(f"{path}.lora_B")
+            if leaf_a is None or leaf_b is None or tuple(leaf_a.shape) != shape_a or tuple(leaf_b.shape) != shape_b:
+                return False
+        return True
+
     pairs = {}
-    for module, names in by_module.items():
-        for index, name in enumerate(names):
-            wrapped = _leaf(module, ".".join(["base_layer"] * (len(names) - 1 - index)))
+    for module, order in by_module.items():
+        order = tuple(order)
+        if adapter is not None and not fits(module, order):
+            # NOTE: when several orders fit the shapes, the first fitting one is taken.
+            order = next((other for other in itertools.permutations(order) if fits(module, other)), order)
+        for index, target in enumerate(order):
             for leaf in ("lora_A", "lora_B"):
-                pairs[_leaf(wrapped, leaf)] = f"{name}.{leaf}"
+                pairs[f"{wrapped(module, len(order) - 1 - index)}.{leaf}"] = f"{target.name}.{leaf}"
     return rename(pairs)
 
 
@@ -563,7 +584,7 @@ def save_hf_peft_adapter(
         if base is None:
             raise ValueError(
                 "The config adapts parameters directly (parameter_pattern), and PEFT names their leaves by the order of "
-                "the parameters in their module. Pass base= (the base tree or spec_of(model)) to save it."
+                "the parameters in their module. Pass base=spec_of(model), whose keys follow that order."
             )
         keys_in_tree = _expert_names(lora, base).inverse()(keys_in_tree, passthrough=True)
     keys_in_tree = _base_layer_copies(_lora_paths(keys_in_tree))(keys_in_tree, passthrough=True)
