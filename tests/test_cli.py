@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from ftpeft.cli import main
-from ftpeft.io import load_state
+from ftpeft.io import load_state, save_state
 
 from conftest import tiny_llama
 
@@ -176,3 +176,36 @@ def test_version_and_non_safetensors_file(checkpoint):
     assert version.stdout.startswith("ftpeft ")
     assert wrong_file.returncode == 1
     assert "is not a safetensors file" in wrong_file.stderr
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"target_modules": ["q_proj", "embed_tokens"], "use_dora": True},
+        {"target_modules": [], "target_parameters": ["experts.gate_up_proj", "experts.down_proj"]},
+    ],
+    ids=["dora-embedding", "experts"],
+)
+def test_merge_handles_every_layer_kind(tmp_path, options):
+    transformers = pytest.importorskip("transformers")
+    if "target_parameters" in options:
+        config = transformers.MixtralConfig(
+            vocab_size=50, hidden_size=16, intermediate_size=8, num_hidden_layers=1, num_attention_heads=2,
+            num_key_value_heads=1, num_local_experts=3, num_experts_per_tok=2,
+        )
+        model = transformers.MixtralForCausalLM(config).eval()
+        # transformers writes Mixtral checkpoints in its older per-expert layout, which the adapter does not
+        # target, so the base is written as the model holds it.
+        save_state(tmp_path / "base", model.state_dict())
+    else:
+        model = tiny_llama()
+        model.save_pretrained(tmp_path / "base")
+    peft_model = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(r=2, lora_alpha=4, init_lora_weights=False, **options))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    expected = {k: v.detach().clone() for k, v in peft_model.merge_and_unload().state_dict().items()}
+
+    assert main(["merge", str(tmp_path / "base"), str(tmp_path / "adapter"), str(tmp_path / "out")]) == 0
+
+    merged = load_state(tmp_path / "out")
+    for key, value in merged.items():
+        torch.testing.assert_close(value, expected[key], rtol=1e-5, atol=1e-5, msg=key)

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from ..methods.config import ModulePattern
 
 
-def match_modules(pattern: ModulePattern, paths: Sequence[str], *, method: str, quiet: bool = False) -> list[str]:
+def match_modules(pattern: ModulePattern, paths: Sequence[str], *, method: str, quiet: bool = False, noun: str = "module") -> list[str]:
     """Return the paths that ``pattern`` matches, in the order of ``paths``.
 
     A string is fullmatched against the whole path. Each entry of a list is
@@ -38,7 +38,7 @@ def match_modules(pattern: ModulePattern, paths: Sequence[str], *, method: str, 
 
     unmatched = [entries[i] for i, count in enumerate(hits) if count == 0]
     if unmatched and not quiet:
-        raise ValueError(_no_match_message(unmatched, paths, method=method, whole_path_only=whole_path_only))
+        raise ValueError(_no_match_message(unmatched, paths, method=method, whole_path_only=whole_path_only, noun=noun))
     return matched
 
 
@@ -47,10 +47,10 @@ def _suffixes(path: str) -> list[str]:
     return [".".join(parts[i:]) for i in range(len(parts))]
 
 
-def _no_match_message(unmatched: list[str], paths: Sequence[str], *, method: str, whole_path_only: bool) -> str:
+def _no_match_message(unmatched: list[str], paths: Sequence[str], *, method: str, whole_path_only: bool, noun: str = "module") -> str:
     names = ", ".join(repr(u) for u in unmatched)
     listed = [p for p in paths if p][:6]
-    message = f"{method} pattern {names} matches no module."
+    message = f"{method} pattern {names} matches no {noun}."
     suffix_hits = [p for p in paths if whole_path_only and any(re.fullmatch(u, s) for u in unmatched for s in _suffixes(p)[1:])]
     close = [] if suffix_hits else _close_matches(unmatched, paths)
     if suffix_hits:
@@ -63,7 +63,8 @@ def _no_match_message(unmatched: list[str], paths: Sequence[str], *, method: str
         message += f" Did you mean {', '.join(repr(c) for c in close)}?"
     if listed:
         more = f", ... ({len(paths)} in all)" if len(paths) > len(listed) else ""
-        message += f" Module paths that {method} can target include: {', '.join(listed)}{more}."
+        kind = "Module paths" if noun == "module" else "Parameter keys"
+        message += f" {kind} that {method} can target include: {', '.join(listed)}{more}."
     if whole_path_only:
         message += (
             " A string pattern must fullmatch the whole path (e.g. r'.*\\.q_proj'); "

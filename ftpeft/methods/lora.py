@@ -421,7 +421,7 @@ class LoRA(PeftMethod):
                 kind = "embedding" if module in embeddings else ("linear" if weight.ndim == 2 else "conv")
                 targets.append(LoRATarget(module, _weight_key(module), kind, params.fan_in_fan_out and kind == "linear", module))
         if config.parameter_pattern is not None:
-            matched = match_modules(config.parameter_pattern, list(tree), method="LoRA parameter_pattern")
+            matched = match_modules(config.parameter_pattern, list(tree), method="LoRA parameter_pattern", noun="parameter")
             taken = {target.weight_key for target in targets}
             for key in matched:
                 if key in taken:
