@@ -221,7 +221,7 @@ def test_llama_adapter_round_trips_through_peft(tmp_path):
     save_hf_peft_adapter(tmp_path / "ours", config, adapter)
     reloaded = peft.PeftModel.from_pretrained(copy.deepcopy(model), tmp_path / "ours")
 
-    # peft saves a targeted embedding's table too; ftpeft holds it as a FullTune leaf and writes it back in place.
+    # peft saves a targeted embedding's table too; ftpeft keeps it as a FullTune leaf and writes it back in place.
     lora, full_tune = config.methods
     assert lora.params.use_dora
     assert full_tune.module_name_pattern == r"model\.embed_tokens"

@@ -445,10 +445,10 @@ def _expert_names(lora: LoRAConfig, base: Mapping[str, Any], adapter: Mapping[st
     """Return the map from PEFT's names of parameter-target leaves to ftpeft's.
 
     PEFT wraps each targeted parameter of a module in one more layer, in the
-    order the module registers its parameters, so the first one's leaves sit
-    under the most ``base_layer`` segments: with ``gate_up_proj`` and
+    order the module registers its parameters. So the first one's leaves sit
+    under the most ``base_layer`` segments. With ``gate_up_proj`` and
     ``down_proj`` targeted, ``experts.base_layer.lora_A`` is gate_up_proj's
-    and ``experts.lora_A`` down_proj's (checked against peft 0.21.2). The
+    and ``experts.lora_A`` is down_proj's (checked against peft 0.21.2). The
     order is taken from ``base``'s keys, which is right for
     ``spec_of(model)`` but not for a checkpoint's sorted keys; so when
     ``adapter`` is given (loading), the order whose leaf shapes fit wins.

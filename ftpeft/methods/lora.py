@@ -290,7 +290,7 @@ class _LoRAWeight(WeightAdapter):
         """Return ``(m / n) * (W x + s B A x)`` from ``output = W x`` (without the bias).
 
         With dropout d active it returns ``W x + (m / n - 1) W d(x) + (m / n) s B A d(x)``,
-        as Hugging Face PEFT computes it: only the adapter's share sees the dropped input.
+        as Hugging Face PEFT computes it: only the adapter's share receives the dropped input.
         """
         hidden = self._low_rank_input(x, training)
         low_rank = F.linear(F.linear(hidden, self.lora_a), self.lora_b) * self.scale
@@ -418,13 +418,16 @@ class LoRA(PeftMethod):
                 embeddings = set(match_modules(config.embedding_pattern, matched, method="LoRA embedding_pattern"))
             for module in matched:
                 weight = TensorSpec.of(tree[_weight_key(module)])
-                kind = "embedding" if module in embeddings else ("linear" if weight.ndim == 2 else "conv")
+                if module in embeddings:
+                    kind = "embedding"
+                else:
+                    kind = "linear" if weight.ndim == 2 else "conv"
                 targets.append(LoRATarget(module, _weight_key(module), kind, params.fan_in_fan_out and kind == "linear", module))
         if config.parameter_pattern is not None:
             matched = match_modules(config.parameter_pattern, list(tree), method="LoRA parameter_pattern", noun="parameter")
-            taken = {target.weight_key for target in targets}
+            module_weight_keys = {target.weight_key for target in targets}
             for key in matched:
-                if key in taken:
+                if key in module_weight_keys:
                     raise ValueError(
                         f"LoRA targets {key!r} twice: through module_name_pattern and through parameter_pattern. "
                         "Leave it out of one of them."
@@ -475,7 +478,7 @@ class LoRA(PeftMethod):
         chosen = [name for name, value in unsupported.items() if value]
         if chosen:
             raise ValueError(
-                f"LoRA target {target.name!r} is a{'n' if target.kind[0] in 'ae' else ''} {target.kind} weight, which "
+                f"LoRA target {target.name!r} has the {target.kind} layout, which "
                 f"does not support {', '.join(chosen)}. Put it in a separate LoRAConfig without these options "
                 "(a PeftStackConfig holds both)."
             )
