@@ -176,3 +176,18 @@ def test_embedding_matches_peft_both_ways(tmp_path):
     assert config.embedding_pattern == "embed"
     torch.testing.assert_close(out, reference(ids), atol=1e-6, rtol=0)
     torch.testing.assert_close(reloaded(ids), reference(ids), atol=0, rtol=0)
+
+
+def test_embedding_ignores_dropout():
+    model = Tokens()
+    method = embedding_lora(dropout=0.5)
+    tree = random_leaves(method.inject(dict(model.state_dict())))
+    ids = torch.tensor([[0, 3, 5, 3]])
+    fn = functional_forward(model, method)
+
+    model.eval()
+    evaluated = fn(tree, ids)
+    model.train()
+    trained = fn(tree, ids)
+
+    torch.testing.assert_close(trained, evaluated, atol=0, rtol=0)
