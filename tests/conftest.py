@@ -83,6 +83,26 @@ def randomise_lora_b(tree: dict[str, torch.Tensor], seed: int = 1) -> dict[str, 
     }
 
 
+def result_shapes(run) -> list[tuple[int, ...]]:
+    """Call ``run()`` and return the shapes of the tensors its torch calls return, except views made with ``view``.
+
+    The forward passes each targeted weight as a ``view`` of itself, so any
+    other result of the weight's shape is a dense update being built.
+    """
+    shapes: list[tuple[int, ...]] = []
+
+    class Recorder(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            result = func(*args, **(kwargs or {}))
+            if isinstance(result, torch.Tensor) and func is not torch.Tensor.view:
+                shapes.append(tuple(result.shape))
+            return result
+
+    with Recorder():
+        run()
+    return shapes
+
+
 def copy_into_peft(peft_model, tree) -> int:
     """Copy ftpeft's lora_A / lora_B leaves into every LoRA layer of a peft model; return how many layers."""
     from peft.tuners.lora import LoraLayer

@@ -12,6 +12,8 @@ from torch import nn
 from ftpeft import LoRAConfig, LoRAParameters, functional_forward, peft_method_from_config, spec_of
 from ftpeft.io import load_hf_peft_adapter, save_hf_peft_adapter
 
+from conftest import result_shapes
+
 
 class Experts(nn.Module):
     """Three experts stored as one (E, out, in) tensor (or (E, in, out) when transposed), each applied to its own rows."""
@@ -72,17 +74,8 @@ def test_expert_view_builds_no_dense_update():
     model = Experts()
     method = experts_lora()
     tree = random_leaves(method.inject(dict(model.state_dict())))
-    shapes = []
 
-    class Recorder(torch.overrides.TorchFunctionMode):
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            result = func(*args, **(kwargs or {}))
-            if isinstance(result, torch.Tensor) and func is not torch.Tensor.view:
-                shapes.append(tuple(result.shape))
-            return result
-
-    with Recorder():
-        functional_forward(model, method)(tree, torch.randn(2, 5), torch.tensor([1, 2]))
+    shapes = result_shapes(lambda: functional_forward(model, method)(tree, torch.randn(2, 5), torch.tensor([1, 2])))
 
     assert (3, 4, 5) not in shapes
 
