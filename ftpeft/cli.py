@@ -82,6 +82,12 @@ def _parser() -> argparse.ArgumentParser:
 
     inspect = commands.add_parser("inspect", help="list a checkpoint's or adapter's tensors, and an adapter's targets")
     inspect.add_argument("path", type=Path, metavar="PATH", help="a .safetensors file, checkpoint directory, or adapter folder")
+    inspect.add_argument(
+        "--base",
+        type=Path,
+        metavar="BASE_DIR",
+        help="checkpoint directory of the base model; needed to read a PEFT adapter that targets parameters directly (target_parameters)",
+    )
     inspect.set_defaults(run=_inspect)
 
     convert = commands.add_parser("convert", help="convert an adapter between ftpeft's and PEFT's folder layouts")
@@ -149,11 +155,37 @@ def _merge(options: argparse.Namespace) -> None:
     index = save_state(options.out, stream, shard_size=shard_size)
     copied = _copy_side_files(options.base, options.out, options.dtype)
 
+    _warn_tied_embeddings(options.base, method, spec)
     shards = len(set(json.loads(index.read_text())["weight_map"].values()))
     print(f"merged {len(adapter)} adapter tensors into {len(spec)} base tensors")
     print(f"wrote {shards} shard(s) and {index.name} to {options.out}")
     if copied:
         print(f"copied {', '.join(copied)}")
+
+
+# Names that transformers models give their input and output embedding modules.
+_EMBEDDING_NAMES = ("embed_tokens", "wte", "word_embeddings", "embed_in", "lm_head", "embed_out", "shared")
+
+
+def _warn_tied_embeddings(base: Path, method, spec) -> None:
+    """Print a warning when the adapter changes an embedding of a checkpoint whose config ties the input and output embeddings."""
+    config_path = base / "config.json"
+    if not config_path.is_file():
+        return
+    config = json.loads(config_path.read_text())
+    tied = config.get("tie_word_embeddings", (config.get("text_config") or {}).get("tie_word_embeddings", False))
+    if not tied:
+        return
+    members = list(getattr(method, "methods", [method]))
+    changed = [target.weight_key for member in members if hasattr(member, "lora_targets") for target in member.lora_targets(spec)]
+    embeddings = [key for key in changed if key.rpartition(".")[0].rpartition(".")[2] in _EMBEDDING_NAMES]
+    if embeddings:
+        print(
+            f"warning: config.json sets tie_word_embeddings, so the merged {embeddings[0]!r} also becomes the other embedding "
+            "when the model loads, though the adapter changed only one. To keep them apart, set tie_word_embeddings to "
+            "false and add the base table under the other name.",
+            file=sys.stderr,
+        )
 
 
 def _input_shard_sizes(base: Path) -> list[int]:
@@ -182,7 +214,7 @@ def _copy_side_files(base: Path, out: Path, dtype_name: str | None) -> list[str]
 def _inspect(options: argparse.Namespace) -> None:
     path: Path = options.path
     if path.is_dir() and ((path / "adapter_config.json").is_file() or (path / "ftpeft_config.json").is_file()):
-        _inspect_adapter(path)
+        _inspect_adapter(path, options.base)
         return
     if not path.exists():
         raise UserError(f"{str(path)!r} does not exist.")
@@ -199,10 +231,11 @@ def _inspect(options: argparse.Namespace) -> None:
     print(f"{len(spec)} tensors, {values:,} values, {_size(total)}")
 
 
-def _inspect_adapter(path: Path) -> None:
+def _inspect_adapter(path: Path, base_dir: Path | None) -> None:
+    from .io import checkpoint_spec
     from .methods import LoRAConfig
 
-    config, adapter = _read_adapter(path)
+    config, adapter = _read_adapter(path, base=checkpoint_spec(base_dir) if base_dir is not None else None)
     lora = config if isinstance(config, LoRAConfig) else next((m for m in getattr(config, "methods", []) if isinstance(m, LoRAConfig)), None)
     layout = "ftpeft" if (path / "ftpeft_config.json").is_file() else "PEFT"
     print(f"{layout} adapter: {config.kind}, {len(adapter)} tensors")
@@ -217,7 +250,7 @@ def _inspect_adapter(path: Path) -> None:
             print(f"{module:{width}}  {lora.rank_of(module):>4}  {lora.scale_of(module):>8.4g}  {str(shape_a):>12}  {str(shape_b):>12}")
         print(
             f"LoRA on {len(modules)} modules, r={lora.params.r}, alpha={lora.params.alpha:g}, "
-            f"rsLoRA={lora.params.use_rslora}, DoRA={lora.params.use_dora}"
+            f"rsLoRA={lora.params.use_rslora}, DoRA={lora.params.use_dora}, fan_in_fan_out={lora.params.fan_in_fan_out}"
         )
     lora_leaves = (".lora_A", ".lora_B", ".lora_bias", ".lora_embedding_A", ".lora_embedding_B", ".lora_magnitude_vector")
     others = sorted(key for key in adapter if not key.endswith(lora_leaves))

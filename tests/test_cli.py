@@ -209,3 +209,31 @@ def test_merge_handles_every_layer_kind(tmp_path, options):
     merged = load_state(tmp_path / "out")
     for key, value in merged.items():
         torch.testing.assert_close(value, expected[key], rtol=1e-5, atol=1e-5, msg=key)
+
+
+def test_merge_warns_about_tied_embeddings(tmp_path, capsys):
+    model = tiny_llama(tie=True)
+    model.save_pretrained(tmp_path / "base")
+    peft_model = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["embed_tokens"], init_lora_weights=False))
+    peft_model.save_pretrained(tmp_path / "adapter")
+
+    assert main(["merge", str(tmp_path / "base"), str(tmp_path / "adapter"), str(tmp_path / "out")]) == 0
+
+    assert "warning: config.json sets tie_word_embeddings, so the merged 'model.embed_tokens.weight'" in capsys.readouterr().err
+
+
+def test_inspect_reads_expert_adapter_with_base(tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.MixtralConfig(
+        vocab_size=50, hidden_size=16, intermediate_size=8, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, num_local_experts=3, num_experts_per_tok=2,
+    )
+    model = transformers.MixtralForCausalLM(config).eval()
+    save_state(tmp_path / "base", model.state_dict())
+    peft_model = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(r=2, lora_alpha=4, target_modules=[], target_parameters=["experts.down_proj"]))
+    peft_model.save_pretrained(tmp_path / "adapter")
+
+    assert main(["inspect", str(tmp_path / "adapter")]) == 1
+    assert "Pass --base BASE_DIR" in capsys.readouterr().err
+    assert main(["inspect", str(tmp_path / "adapter"), "--base", str(tmp_path / "base")]) == 0
+    assert "model.layers.0.mlp.experts.down_proj     2" in capsys.readouterr().out

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ftpeft import LoRAConfig, LoRAParameters, functional_forward, peft_method_from_config, spec_of
-from ftpeft.io import load_hf_peft_adapter, save_hf_peft_adapter
+from ftpeft.io import FtpeftWarning, load_hf_peft_adapter, save_hf_peft_adapter
 
 from conftest import result_shapes
 
@@ -165,7 +165,7 @@ def test_embedding_matches_peft_both_ways(tmp_path):
     reloaded = peft.PeftModel.from_pretrained(copy.deepcopy(model), tmp_path / "ours")
 
     assert sorted(adapter) == ["embed.lora_embedding_A", "embed.lora_embedding_B", "head.lora_A", "head.lora_B"]
-    assert config.embedding_pattern == "embed"
+    assert config.embedding_pattern == ["embed"]
     torch.testing.assert_close(out, reference(ids), atol=1e-6, rtol=0)
     torch.testing.assert_close(reloaded(ids), reference(ids), atol=0, rtol=0)
 
@@ -183,3 +183,12 @@ def test_embedding_ignores_dropout():
     trained = fn(tree, ids)
 
     torch.testing.assert_close(trained, evaluated, atol=0, rtol=0)
+
+
+def test_merge_warns_when_tied_weights_diverge():
+    model = nn.Embedding(5, 3)
+    tree = {"embed.weight": model.weight.detach(), "head.weight": model.weight.detach()}
+    method = peft_method_from_config(LoRAConfig(module_name_pattern=["embed"], embedding_pattern=["embed"], params=LoRAParameters(r=2)))
+
+    with pytest.warns(FtpeftWarning, match=r"'embed.weight'.*'head.weight' \(tied weights\)"):
+        method.merge(method.inject(tree))

@@ -32,8 +32,9 @@ class Experts(nn.Module):
         return torch.stack(rows)
 
 
-def experts_lora(r=2, alpha=4.0, **params):
-    return peft_method_from_config(LoRAConfig(parameter_pattern=["weight_stack"], params=LoRAParameters(r=r, alpha=alpha, **params)))
+def experts_lora(r=2, alpha=4.0, transposed=False, **params):
+    config = LoRAConfig(parameter_pattern=["weight_stack"], parameters_transposed=transposed, params=LoRAParameters(r=r, alpha=alpha, **params))
+    return peft_method_from_config(config)
 
 
 def random_leaves(tree, seed=1):
@@ -80,9 +81,9 @@ def test_expert_view_builds_no_dense_update():
     assert (3, 4, 5) not in shapes
 
 
-def test_transposed_experts_follow_fan_in_fan_out():
+def test_transposed_experts_use_in_out_layout():
     model = Experts(transposed=True)
-    method = experts_lora(fan_in_fan_out=True)
+    method = experts_lora(transposed=True)
     tree = random_leaves(method.inject(dict(model.state_dict())))
     x, expert_ids = torch.randn(4, 5), torch.tensor([2, 0, 1, 2])
 
@@ -95,8 +96,8 @@ def test_transposed_experts_follow_fan_in_fan_out():
     torch.testing.assert_close(method.merge(tree)["weight_stack"], adapted)
 
 
-def test_transposed_experts_need_fan_in_fan_out():
-    with pytest.raises(ValueError, match=r"'weight_stack'.*\(E, in, out\).*fan_in_fan_out=True"):
+def test_transposed_experts_need_flag():
+    with pytest.raises(ValueError, match=r"'weight_stack'.*\(E, in, out\).*parameters_transposed=True"):
         functional_forward(Experts(transposed=True), experts_lora())
 
 
@@ -190,3 +191,35 @@ def test_sorted_base_keys_still_bind_experts(tmp_path):
     out = functional_forward(model, peft_method_from_config(config))({**model.state_dict(), **adapter}, ids).logits
 
     torch.testing.assert_close(out, reference(ids).logits, atol=1e-5, rtol=0)
+
+
+def tiny_gpt_oss():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GptOssConfig(
+        vocab_size=50, hidden_size=16, intermediate_size=8, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=8, num_local_experts=3, num_experts_per_tok=2, layer_types=["full_attention"],
+    )
+    torch.manual_seed(0)
+    return transformers.GptOssForCausalLM(config).eval()
+
+
+def test_gpt_oss_transposed_experts_round_trip_with_peft(tmp_path):
+    peft = pytest.importorskip("peft")
+    model = tiny_gpt_oss()
+    targets = ["experts.gate_up_proj", "experts.down_proj"]
+    reference = peft.get_peft_model(
+        copy.deepcopy(model), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], target_parameters=targets, init_lora_weights=False)
+    )
+    reference.save_pretrained(tmp_path / "peft")
+    ids = torch.tensor([[1, 5, 7, 9]])
+
+    # peft writes fan_in_fan_out false and reads is_transposed from the module; the leaf shapes show it.
+    config, adapter = load_hf_peft_adapter(tmp_path / "peft", base=spec_of(model))
+    out = functional_forward(model, peft_method_from_config(config))({**model.state_dict(), **adapter}, ids).logits
+    save_hf_peft_adapter(tmp_path / "ours", config, adapter, base=spec_of(model))
+    reloaded = peft.PeftModel.from_pretrained(copy.deepcopy(model), tmp_path / "ours")
+
+    assert config.parameters_transposed
+    assert not config.params.fan_in_fan_out
+    torch.testing.assert_close(out, reference(ids).logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(reloaded(ids).logits, reference(ids).logits, atol=0, rtol=0)

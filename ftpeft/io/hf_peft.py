@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from .._warnings import FtpeftWarning
 from ..maps import StateMap, compose, identity
 from ..maps._core import Group
 from ..methods.config import FullTuneConfig, LoRAConfig, LoRAParameters, PeftStackConfig
@@ -61,10 +62,6 @@ def _is_lora_key(key: str) -> bool:
 
 def _is_lora_disk_key(key: str) -> bool:
     return bool(_LORA_ON_DISK.fullmatch(key) or _LORA_BIAS_ON_DISK.fullmatch(key) or _SAME_NAME_ON_DISK.fullmatch(key))
-
-
-class FtpeftWarning(UserWarning):
-    """A warning from ftpeft about input it accepted but could not use in full."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -357,11 +354,12 @@ def load_hf_peft_adapter(
                 f"{str(directory)!r} adapts parameters directly (target_parameters), and PEFT names their leaves by the "
                 "order of the parameters in their module. Pass base= (the base tree or spec_of(model)) to load it."
             )
+        lora = _orient_parameters(lora, base, adapter)
         adapter = _expert_names(lora, base, adapter)(adapter, passthrough=True)
 
     embeddings = sorted({match.group(1) for key in adapter if (match := _EMBEDDING_IN_TREE.fullmatch(key))})
     if embeddings:
-        lora = lora.model_copy(update={"embedding_pattern": _exact_pattern(embeddings)})
+        lora = lora.model_copy(update={"embedding_pattern": [re.escape(path) for path in embeddings]})
     parameter_targets = set(_lora_targets(lora, base)) - set(_module_targets(lora, base)) if base is not None else set()
     lora_names = sorted(
         {match.group(1) for key in adapter if (match := _LORA_IN_TREE.fullmatch(key) or _EMBEDDING_IN_TREE.fullmatch(key))}
@@ -454,36 +452,61 @@ def _expert_names(lora: LoRAConfig, base: Mapping[str, Any], adapter: Mapping[st
     ``adapter`` is given (loading), the order whose leaf shapes fit wins.
     """
     from ..maps import rename
+
+    pairs = {}
+    for module, order in _parameter_orders(lora, base, adapter)[0].items():
+        for index, target in enumerate(order):
+            for leaf in ("lora_A", "lora_B"):
+                pairs[f"{_wrapped(module, len(order) - 1 - index)}.{leaf}"] = f"{target.name}.{leaf}"
+    return rename(pairs)
+
+
+def _wrapped(module: str, depth: int) -> str:
+    return _leaf(module, ".".join(["base_layer"] * depth))
+
+
+def _parameter_orders(lora: LoRAConfig, base: Mapping[str, Any], adapter: Mapping[str, Any] | None) -> tuple[dict[str, tuple], bool]:
+    """Return the parameter targets of each module in PEFT's wrapping order, and whether the adapter's shapes fit them all."""
     from ..methods.lora import LoRA, adapter_shapes
 
-    method = LoRA(lora)
-    targets = [target for target in method.lora_targets(base) if target.name == target.weight_key]
     by_module: dict[str, list] = {}
-    for target in targets:
-        by_module.setdefault(target.module, []).append(target)
-
-    def wrapped(module: str, depth: int) -> str:
-        return _leaf(module, ".".join(["base_layer"] * depth))
+    for target in LoRA(lora).lora_targets(base):
+        if target.name == target.weight_key:
+            by_module.setdefault(target.module, []).append(target)
 
     def fits(module: str, order: tuple) -> bool:
         for index, target in enumerate(order):
-            path = wrapped(module, len(order) - 1 - index)
+            path = _wrapped(module, len(order) - 1 - index)
             shape_a, shape_b = adapter_shapes(target, TensorSpec.of(base[target.weight_key]).shape, lora.rank_of(target.name))
             leaf_a, leaf_b = adapter.get(f"{path}.lora_A"), adapter.get(f"{path}.lora_B")
             if leaf_a is None or leaf_b is None or tuple(leaf_a.shape) != shape_a or tuple(leaf_b.shape) != shape_b:
                 return False
         return True
 
-    pairs = {}
-    for module, order in by_module.items():
-        order = tuple(order)
+    orders: dict[str, tuple] = {}
+    all_fit = True
+    for module, targets in by_module.items():
+        order = tuple(targets)
         if adapter is not None and not fits(module, order):
             # NOTE: when several orders fit the shapes, the first fitting one is taken.
             order = next((other for other in itertools.permutations(order) if fits(module, other)), order)
-        for index, target in enumerate(order):
-            for leaf in ("lora_A", "lora_B"):
-                pairs[f"{wrapped(module, len(order) - 1 - index)}.{leaf}"] = f"{target.name}.{leaf}"
-    return rename(pairs)
+            all_fit = all_fit and fits(module, order)
+        orders[module] = order
+    return orders, all_fit
+
+
+def _orient_parameters(lora: LoRAConfig, base: Mapping[str, Any], adapter: Mapping[str, Any]) -> LoRAConfig:
+    """Return the config with ``parameters_transposed`` set as the adapter's leaf shapes show.
+
+    PEFT does not record it: its wrapper reads the module's ``is_transposed``
+    attribute, which a spec does not carry. A square expert weight fits both
+    layouts and keeps the config's value; ``functional_forward`` then checks
+    the attribute.
+    """
+    if _parameter_orders(lora, base, adapter)[1]:
+        return lora
+    flipped = lora.model_copy(update={"parameters_transposed": not lora.parameters_transposed})
+    return flipped if _parameter_orders(flipped, base, adapter)[1] else lora
 
 
 def _leaf(path: str, name: str) -> str:
@@ -585,6 +608,11 @@ def save_hf_peft_adapter(
             raise ValueError(
                 "The config adapts parameters directly (parameter_pattern), and PEFT names their leaves by the order of "
                 "the parameters in their module. Pass base=spec_of(model), whose keys follow that order."
+            )
+        if lora.params.fan_in_fan_out:
+            raise ValueError(
+                "The config sets both parameter_pattern and fan_in_fan_out=True, which a PEFT adapter folder cannot hold: "
+                "PEFT rejects fan_in_fan_out for target_parameters. Save the two kinds of targets as separate adapters."
             )
         keys_in_tree = _expert_names(lora, base).inverse()(keys_in_tree, passthrough=True)
     keys_in_tree = _base_layer_copies(_lora_paths(keys_in_tree))(keys_in_tree, passthrough=True)

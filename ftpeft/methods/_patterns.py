@@ -50,7 +50,8 @@ def _suffixes(path: str) -> list[str]:
 def _no_match_message(unmatched: list[str], paths: Sequence[str], *, method: str, whole_path_only: bool, noun: str = "module") -> str:
     names = ", ".join(repr(u) for u in unmatched)
     listed = [p for p in paths if p][:6]
-    message = f"{method} pattern {names} matches no {noun}."
+    label = method if method.endswith("_pattern") else f"{method} pattern"
+    message = f"{label} {names} matches no {noun}."
     suffix_hits = [p for p in paths if whole_path_only and any(re.fullmatch(u, s) for u in unmatched for s in _suffixes(p)[1:])]
     close = [] if suffix_hits else _close_matches(unmatched, paths)
     if suffix_hits:

@@ -50,6 +50,7 @@ _PEFT_NAMES = {
     "lora_bias": "params.lora_bias",
     "use_dora": "params.use_dora",
     "target_parameters": "parameter_pattern",
+    "is_transposed": "parameters_transposed",
     "modules_to_save": "a FullTuneConfig in a PeftStackConfig",
 }
 
@@ -168,9 +169,16 @@ class LoRAConfig(_Config):
         description=(
             "Parameters to adapt directly, matched against parameter keys (for example `mlp.experts.gate_up_proj`) "
             "the way module_name_pattern matches module paths. Meant for mixture-of-experts weights stored as one "
-            "3-D tensor (E, out, in), or (E, in, out) with fan_in_fan_out: `<key>.lora_A` is (E * r, in) and "
-            "`<key>.lora_B` is (out, E * r), expert e using rows e*r to e*r+r-1 of A and columns e, e+E, e+2E, ... of B. "
-            "A 2-D parameter gets the linear layout."
+            "3-D tensor (E, out, in): `<key>.lora_A` is (E * r, in) and `<key>.lora_B` is (out, E * r), expert e "
+            "using rows e*r to e*r+r-1 of A and columns e, e+E, e+2E, ... of B. A 2-D parameter gets the linear layout."
+        ),
+    )
+    parameters_transposed: bool = Field(
+        False,
+        description=(
+            "The parameters that parameter_pattern matches are stored transposed: a 3-D stack as (E, in, out) and used "
+            "as `x @ W[e]` (transformers marks such expert modules with `is_transposed`, as in GPT-OSS), a 2-D one as "
+            "(in, out). params.fan_in_fan_out applies to module targets only."
         ),
     )
     params: LoRAParameters = Field(default_factory=LoRAParameters, description="LoRA hyperparameters.")
@@ -197,6 +205,8 @@ class LoRAConfig(_Config):
             raise ValueError("LoRAConfig needs module_name_pattern, parameter_pattern or both, to say which weights to adapt.")
         if self.embedding_pattern is not None and self.module_name_pattern is None:
             raise ValueError("embedding_pattern selects among the modules that module_name_pattern targets; set module_name_pattern too.")
+        if self.parameters_transposed and self.parameter_pattern is None:
+            raise ValueError("parameters_transposed describes the parameters that parameter_pattern targets; set parameter_pattern too.")
         return self
 
     @field_validator("rank_pattern", "alpha_pattern")

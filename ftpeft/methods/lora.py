@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from .._warnings import FtpeftWarning
 from ..maps import Group, StateMap
 from ..tree import TensorSpec, Tree, is_spec, module_path, module_paths
 from ._patterns import match_modules
@@ -216,6 +219,57 @@ def _magnitude_like(target: LoRATarget, magnitude: torch.Tensor, ndim: int) -> t
     return magnitude.reshape(-1, *(1,) * (ndim - 1))
 
 
+def _parameter_hint(pattern: Any, tree: Mapping[str, Any]) -> str:
+    """Return a hint for a module pattern that names modules owning 3-D parameters but no ``weight``, else ''."""
+    stacks = [key for key in tree if TensorSpec.of(tree[key]).ndim == 3 and _weight_key(module_path(key)) not in tree]
+    if not stacks:
+        return ""
+    modules = sorted({module_path(key) for key in stacks})
+    if not match_modules(pattern, modules, method="LoRA", quiet=True):
+        return ""
+    return (
+        f" The pattern names module(s) whose parameters are expert stacks, such as {stacks[0]!r}; "
+        "target those with parameter_pattern, for example parameter_pattern=['experts.gate_up_proj']."
+    )
+
+
+def _per_expert_hint(tree: Mapping[str, Any]) -> str:
+    """Return a hint when the tree stores experts one by one (``experts.0.w1.weight``), else ''."""
+    per_expert = next((key for key in tree if re.search(r"\.experts\.\d+\.", key)), None)
+    if per_expert is None:
+        return ""
+    return (
+        f" The tree stores experts one by one (for example {per_expert!r}), as some checkpoints do, so it has no "
+        "3-D expert stack to target. Load it through a map that stacks the experts (ftpeft.maps.Stack), or target "
+        "the per-expert modules with module_name_pattern."
+    )
+
+
+def _warn_untied(tree: Mapping[str, Any], changed: list[str]) -> None:
+    """Warn when a merged weight shared its storage with a key the merge left alone (tied weights)."""
+    storages: dict[tuple, list[str]] = {}
+    for key, value in tree.items():
+        if type(value) is not torch.Tensor or value.device.type == "meta":
+            continue
+        try:
+            pointer = value.data_ptr()
+        except RuntimeError:  # a tensor without storage, such as a functorch wrapper
+            continue
+        storages.setdefault((value.device, pointer, tuple(value.shape)), []).append(key)
+    changed_set = set(changed)
+    for keys in storages.values():
+        kept = [key for key in keys if key not in changed_set]
+        for key in keys:
+            if key in changed_set and kept:
+                warnings.warn(
+                    f"The merge changes {key!r}, which shares its storage with {kept[0]!r} (tied weights), so the two now "
+                    "differ. Load the merged tree into a model whose weights are not tied (for transformers, "
+                    "tie_word_embeddings=False); loaded into a tied model, one of the two values is lost.",
+                    FtpeftWarning,
+                    stacklevel=3,
+                )
+
+
 def adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
     """Return the dtype of new adapter leaves: float32 for half-precision bases, else the base dtype."""
     return torch.float32 if base_dtype in _HALF_DTYPES else base_dtype
@@ -412,7 +466,10 @@ class LoRA(PeftMethod):
         targets: list[LoRATarget] = []
         if config.module_name_pattern is not None:
             candidates = [m for m in module_paths(tree) if _weight_key(m) in tree]
-            matched = match_modules(config.module_name_pattern, candidates, method="LoRA")
+            try:
+                matched = match_modules(config.module_name_pattern, candidates, method="LoRA")
+            except ValueError as error:
+                raise ValueError(f"{error}{_parameter_hint(config.module_name_pattern, tree)}") from None
             embeddings = set()
             if config.embedding_pattern is not None:
                 embeddings = set(match_modules(config.embedding_pattern, matched, method="LoRA embedding_pattern"))
@@ -424,7 +481,13 @@ class LoRA(PeftMethod):
                     kind = "linear" if weight.ndim == 2 else "conv"
                 targets.append(LoRATarget(module, _weight_key(module), kind, params.fan_in_fan_out and kind == "linear", module))
         if config.parameter_pattern is not None:
-            matched = match_modules(config.parameter_pattern, list(tree), method="LoRA parameter_pattern", noun="parameter")
+            # Stacks of experts first, so that a no-match message lists them.
+            keys = sorted(tree, key=lambda key: TensorSpec.of(tree[key]).ndim != 3)
+            try:
+                matched = match_modules(config.parameter_pattern, keys, method="LoRA parameter_pattern", noun="parameter")
+            except ValueError as error:
+                raise ValueError(f"{error}{_per_expert_hint(tree)}") from None
+            matched = [key for key in tree if key in set(matched)]
             module_weight_keys = {target.weight_key for target in targets}
             for key in matched:
                 if key in module_weight_keys:
@@ -435,7 +498,7 @@ class LoRA(PeftMethod):
                 weight = TensorSpec.of(tree[key])
                 kind = "experts" if weight.ndim == 3 else "linear"
                 experts = weight.shape[0] if kind == "experts" else 0
-                targets.append(LoRATarget(key, key, kind, params.fan_in_fan_out, module_path(key), experts))
+                targets.append(LoRATarget(key, key, kind, config.parameters_transposed, module_path(key), experts))
 
         names = [target.name for target in targets]
         for field in ("rank_pattern", "alpha_pattern"):
@@ -492,11 +555,11 @@ class LoRA(PeftMethod):
             if target.kind == "experts":
                 # transformers marks expert modules that store (E, in, out) with is_transposed.
                 stored_transposed = bool(getattr(layer, "is_transposed", False))
-                if stored_transposed != fan_in_fan_out:
+                if stored_transposed != target.transposed:
                     layouts = "(E, in, out)" if stored_transposed else "(E, out, in)"
                     raise ValueError(
                         f"LoRA target {target.name!r} stores its experts as {layouts}, but the config has "
-                        f"fan_in_fan_out={fan_in_fan_out}. Set LoRAParameters(fan_in_fan_out={stored_transposed}) for these parameters."
+                        f"parameters_transposed={target.transposed}. Set LoRAConfig(parameters_transposed={stored_transposed})."
                     )
                 continue
             if target.name != target.module:
@@ -568,7 +631,7 @@ class LoRA(PeftMethod):
                         f"LoRA init {self.config.params.init!r} needs a 2-D weight, but {target.name!r} has shape "
                         f"{weight.shape}; use init='kaiming_uniform' or 'gaussian' for convolutions."
                     )
-                residual, lora_a, lora_b = self._decompose(target.name, params[target.weight_key], rank, dtype)
+                residual, lora_a, lora_b = self._decompose(target, params[target.weight_key], rank, dtype)
                 adapted[target.weight_key] = residual
                 adapted[target.key_a] = lora_a
                 adapted[target.key_b] = lora_b
@@ -614,11 +677,12 @@ class LoRA(PeftMethod):
         return lora_a.to(device=spec_a.device, dtype=spec_a.dtype), lora_b.to(device=spec_b.device, dtype=spec_b.dtype)
 
     def _decompose(
-        self, module: str, weight: torch.Tensor, rank: int, dtype: torch.dtype
+        self, target: LoRATarget, weight: torch.Tensor, rank: int, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Return ``(W - s * B @ A, A, B)`` for the PiSSA or OLoRA initialisation of one weight."""
+        module = target.name
         scale = self.config.scale_of(module)
-        transposed = self.config.params.fan_in_fan_out
+        transposed = target.transposed
         matrix = weight.detach().to(torch.float32)
         matrix = matrix.T if transposed else matrix
         if self.config.params.init == "pissa":
@@ -659,8 +723,10 @@ class LoRA(PeftMethod):
         merged = {k: v for k, v in tree.items() if k not in adapter_keys}
         if is_spec(tree):
             return merged
-        for target in self.lora_targets(tree):
+        targets = self.lora_targets(tree)
+        for target in targets:
             merged.update(self._merge_target(target, tree, sign=1))
+        _warn_untied(tree, [target.weight_key for target in targets])
         return merged
 
     def _merge_target(self, target: LoRATarget, tree: Mapping[str, Any], *, sign: int) -> Tree:
