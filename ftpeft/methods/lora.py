@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -303,6 +304,11 @@ class LoRA(PeftMethod):
                 adapted[_leaf_key(module, "lora_bias")] = (
                     spec_bias if planning else torch.zeros(spec_bias.shape, dtype=dtype, device=weight.device)
                 )
+        if not planning and "torch.distributed.tensor" in sys.modules:
+            # Only then can the tree hold DTensors; their adapters become DTensors placed to match.
+            from ..distributed import distribute_adapters
+
+            adapted = distribute_adapters(self, adapted)
         return adapted
 
     def _decompose(
