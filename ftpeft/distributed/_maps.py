@@ -53,7 +53,7 @@ class Distribute(StateMap):
         for placement in chosen:
             if isinstance(placement, Shard) and not -len(spec.shape) <= placement.dim < len(spec.shape):
                 raise ValueError(
-                    f"distribute cannot place {key!r} of shape {spec.shape} as {placement}: the tensor has "
+                    f"distribute cannot place {key!r} of shape {spec.shape} as {placement!r}: the tensor has "
                     f"{len(spec.shape)} dimension(s). Give placements that fit this key, for example with a callable."
                 )
         return chosen

@@ -69,7 +69,7 @@ def lora_placements(leaf: str, weight: DTensor, *, transposed: bool = False) -> 
                 chosen.append(Replicate())
         else:
             raise ValueError(
-                f"The base weight has placements {tuple(weight.placements)}; {placement} has no matching layout for "
+                f"The base weight has placements {tuple(weight.placements)}; {placement!r} has no matching layout for "
                 f"{leaf}. Redistribute the weight to Shard or Replicate placements first, for example "
                 "weight.redistribute(weight.device_mesh, [Replicate()])."
             )
@@ -173,6 +173,12 @@ def distribute_adapters(
 
 def _place(key: str, value: Any, weight: DTensor, placements: tuple[Placement, ...], src_data_rank: int | None) -> DTensor:
     mesh = weight.device_mesh
+    for placement in placements:
+        if isinstance(placement, Shard) and not -value.ndim <= placement.dim < value.ndim:
+            raise ValueError(
+                f"Placement {placement!r} does not fit adapter leaf {key!r} of shape {tuple(value.shape)}; shard one "
+                f"of its {value.ndim} dimension(s)."
+            )
     if isinstance(value, DTensor):
         if value.device_mesh != mesh:
             raise ValueError(
@@ -180,12 +186,6 @@ def _place(key: str, value: Any, weight: DTensor, placements: tuple[Placement, .
                 "tensors, or DTensors on the base weight's mesh."
             )
         return value if tuple(value.placements) == placements else value.redistribute(mesh, placements)
-    for placement in placements:
-        if isinstance(placement, Shard) and not -value.ndim <= placement.dim < value.ndim:
-            raise ValueError(
-                f"Placement {placement} does not fit adapter leaf {key!r} of shape {tuple(value.shape)}; shard one "
-                f"of its {value.ndim} dimension(s)."
-            )
     return distribute_tensor(value.detach(), mesh, placements, src_data_rank=src_data_rank)
 
 
