@@ -32,12 +32,13 @@ from ftpeft.distributed import (
     gather,
     lora_placements,
     reduce_gradients,
+    save_gathered,
     shard,
 )
 from ftpeft.io import iter_state, load_state, save_state
 from ftpeft.io._merge import AdapterMerge
 from ftpeft.maps import Shard as ShardMap
-from ftpeft.maps import StripPrefix
+from ftpeft.maps import Drop, StripPrefix
 
 from conftest import TwoLayerMLP, state_of, tiny_llama
 
@@ -320,13 +321,20 @@ def _write_source(directory: Path):
     return method, adapter
 
 
-def _convert_worker(rank, world, source, target, method, adapter):
+def _convert_worker(rank, world, source, target, exported, method, adapter):
     convert_checkpoint(source, target, AdapterMerge(method, adapter), shard_size=400)
     assert (Path(target) / "model.safetensors.index.json").is_file(), "every worker returns after the index exists"
 
-    # A load pipeline that ends in DTensors, and its inverse that gathers them.
+    # Merge shard-local into a DTensor tree, then gather group by group and write from rank 0.
     mesh = init_device_mesh("cpu", (world,))
+    base = load_state(source, distribute(pattern=r".*proj\.weight", mesh=mesh, placements=[Shard(0)]), passthrough=True)
+    tree = distribute_adapters(method, {**base, **adapter})
+    export = method.merge_map() >> Drop(sorted(adapter)) >> gather(pattern=".*")
+    result = save_gathered(exported, tree, export, shard_size=400)
+    assert (result is not None) == (rank == 0)
+    assert (Path(exported) / "model.safetensors.index.json").is_file(), "every rank returns after the writer is done"
 
+    # A load pipeline that ends in DTensors, and its inverse that gathers them.
     def placements(key, spec):
         return [Shard(0)] if key.endswith("proj.weight") else [Replicate()]
 
@@ -347,11 +355,17 @@ def _convert_worker(rank, world, source, target, method, adapter):
 def test_convert_with_process_group_matches_one_worker(tmp_path):
     source = tmp_path / "source"
     method, adapter = _write_source(source)
-    run_workers(_convert_worker, 2, str(source), str(tmp_path / "two"), method, adapter)
+    run_workers(_convert_worker, 2, str(source), str(tmp_path / "two"), str(tmp_path / "exported"), method, adapter)
 
     save_state(tmp_path / "one", iter_state(source, AdapterMerge(method, adapter)), shard_size=400)
     assert_same_checkpoint(tmp_path / "two", tmp_path / "one")
     assert not list((tmp_path / "two").glob(".ftpeft-*")), "markers and temporary files are removed"
+
+    expected = method.merge({**load_state(source), **adapter})
+    exported = load_state(tmp_path / "exported")
+    assert set(exported) == set(expected)
+    for key, value in expected.items():
+        torch.testing.assert_close(exported[key], value, atol=1e-6, rtol=0, msg=lambda m, key=key: f"exported {key}: {m}")
 
 
 def assert_same_checkpoint(actual: Path, expected: Path) -> None:

@@ -7,7 +7,7 @@ rest of ftpeft does not import them.
 from __future__ import annotations
 
 from ..maps import shard
-from ._convert import convert_checkpoint
+from ._convert import convert_checkpoint, save_gathered
 from ._fsdp import fsdp_forward
 from ._maps import Distribute, Gather, distribute, gather
 from ._placement import PlacementRule, distribute_adapters, lora_placements, reduce_gradients
@@ -23,5 +23,6 @@ __all__ = [
     "gather",
     "lora_placements",
     "reduce_gradients",
+    "save_gathered",
     "shard",
 ]

@@ -8,17 +8,29 @@ import json
 import os
 import time
 from collections.abc import Mapping
+from typing import Any
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from ..io._format import ShardWriter, read_header, tensor_bytes
-from ..io._state import INDEX_NAME, _checkpoint_entries, _parse_size, _run_plan, _temporary_beside, atomic_write_text
+from ..io._state import (
+    INDEX_NAME,
+    StateStream,
+    _as_stream,
+    _checkpoint_entries,
+    _parse_size,
+    _run_plan,
+    _temporary_beside,
+    atomic_write_text,
+    save_state,
+)
 from ..maps import Plan, Shard, StateMap, identity
 from ..tree import TensorSpec
 
-__all__ = ["convert_checkpoint"]
+__all__ = ["convert_checkpoint", "save_gathered"]
 
 _POLL_SECONDS = 0.2
 
@@ -259,3 +271,62 @@ def _write_index(directory: Path, layout: _Layout) -> Path:
     index_path = directory / INDEX_NAME
     atomic_write_text(index_path, json.dumps(index, indent=2) + "\n")
     return index_path
+
+
+def save_gathered(
+    path: str | os.PathLike,
+    tree: Mapping[str, Any],
+    map: StateMap | None = None,
+    *,
+    writer: int = 0,
+    group: dist.ProcessGroup | None = None,
+    shard_size: int | str = "5GB",
+    metadata: Mapping[str, str] | None = None,
+    passthrough: bool = False,
+    progress: bool = False,
+) -> Path | None:
+    """Write a tree of DTensors as one checkpoint from rank ``writer``, one gathered group at a time.
+
+    Every rank of ``group`` must call this with the same tree keys and map,
+    because the map runs on every rank, group by group and in the same
+    order: a ``gather`` in it is a collective. Rank ``writer`` streams each
+    group's outputs into ``save_state`` and the other ranks drop them, so
+    no rank holds more than one group's full tensors. End ``map`` with
+    ``gather(pattern=".*")``, and put a merge before it
+    (``method.merge_map() >> Drop(...) >> gather(pattern=".*")``) so the
+    merge runs shard-local.
+
+    Returns:
+        The path of the index json on rank ``writer``, None on the others.
+
+    Raises:
+        TypeError: naming a key whose output is still a DTensor, because the
+            map does not gather it.
+    """
+    # NOTE: if the writer fails midway (a full disk), the other ranks wait in
+    # their next gather until the process group's timeout.
+    rank = dist.get_rank(group)
+    stream = _as_stream(tree, map, passthrough=passthrough, progress=progress and rank == writer)
+    checked = _gathered_only(stream)
+    result = None
+    try:
+        if rank == writer:
+            result = save_state(path, StateStream(stream.spec, checked), shard_size=shard_size, metadata=metadata)
+        else:
+            for _ in checked:
+                pass
+    finally:
+        # The other ranks return only once the writer has renamed every file.
+        dist.barrier(group)
+    return result
+
+
+def _gathered_only(trees):
+    for tree in trees:
+        for key, value in tree.items():
+            if isinstance(value, DTensor):
+                raise TypeError(
+                    f"save_gathered got {key!r} as a DTensor; end the map with gather(pattern='.*') so every "
+                    "output is a full tensor."
+                )
+        yield tree
