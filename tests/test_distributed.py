@@ -541,3 +541,86 @@ def test_fsdp_forward_needs_fully_shard():
     with pytest.raises(TypeError, match="no module of TwoLayerMLP is an FSDPModule"):
         fsdp_forward(TwoLayerMLP(), lora(["up"]))
 
+
+
+# --- the ftpeft merge command with several workers, and the example scripts of the docs ---------------------
+
+
+def _write_adapter_folder(root: Path):
+    from ftpeft.io import save_adapter
+
+    method, adapter = _write_source(root / "base")
+    save_adapter(root / "adapter", method.config, adapter)
+    return method, adapter
+
+
+def test_cli_merge_with_workers_matches_one_worker(tmp_path, capsys):
+    from ftpeft.cli import main
+
+    _write_adapter_folder(tmp_path)
+    base, adapter = str(tmp_path / "base"), str(tmp_path / "adapter")
+
+    assert main(["merge", base, adapter, str(tmp_path / "one"), "--shard-size", "400B"]) == 0
+    for worker in ("1", "0"):
+        assert main(["merge", base, adapter, str(tmp_path / "two"), "--shard-size", "400B", "--workers", "2", "--worker", worker]) == 0
+
+    assert_same_checkpoint(tmp_path / "two", tmp_path / "one")
+    output = capsys.readouterr().out
+    assert "worker 1 of 2: wrote its shards" in output
+    assert "with 2 workers" in output
+
+
+def test_cli_merge_rejects_bad_worker(tmp_path, capsys):
+    from ftpeft.cli import main
+
+    _write_adapter_folder(tmp_path)
+    base, adapter = str(tmp_path / "base"), str(tmp_path / "adapter")
+
+    assert main(["merge", base, adapter, str(tmp_path / "out"), "--workers", "2", "--worker", "2"]) == 1
+    assert "--workers 2 needs --worker K with 0 <= K < 2, got 2." in capsys.readouterr().err
+    assert main(["merge", base, adapter, str(tmp_path / "out"), "--worker", "1"]) == 1
+    assert "--worker needs --workers N." in capsys.readouterr().err
+
+
+def torchrun(nproc: int, *command: str, cwd: Path) -> str:
+    """Run ``torchrun`` on 127.0.0.1 and return its standard output; fail the test with its output on error."""
+    import subprocess
+    import sys
+
+    arguments = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1", f"--master-port={free_port()}", *command]
+    result = subprocess.run(arguments, cwd=cwd, capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return result.stdout
+
+
+@pytest.mark.distributed_slow
+def test_cli_merge_under_torchrun(tmp_path):
+    _write_adapter_folder(tmp_path)
+    from ftpeft.cli import main
+
+    assert main(["merge", str(tmp_path / "base"), str(tmp_path / "adapter"), str(tmp_path / "one"), "--shard-size", "400B"]) == 0
+
+    output = torchrun(2, "-m", "ftpeft.cli", "merge", "base", "adapter", "four", "--shard-size", "400B", cwd=tmp_path)
+
+    assert "with 2 workers" in output
+    assert_same_checkpoint(tmp_path / "four", tmp_path / "one")
+
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "docs" / "examples"
+
+
+@pytest.mark.distributed_slow
+@pytest.mark.parametrize("script", ["fsdp_lora.py", "tensor_parallel_lora.py"])
+def test_docs_example_script_runs(tmp_path, script):
+    output = torchrun(2, str(EXAMPLES / script), str(tmp_path / "out"), cwd=tmp_path)
+
+    assert "step 4: loss" in output
+    merged = load_state(tmp_path / "out" / "merged")
+    assert set(merged) == set(load_state(tmp_path / "out" / "base"))
+    if script == "fsdp_lora.py":
+        from ftpeft.io import load_adapter
+
+        config, adapter = load_adapter(tmp_path / "out" / "adapter")
+        expected = peft_method_from_config(config).merge({**load_state(tmp_path / "out" / "base"), **adapter})
+        for key, value in expected.items():
+            torch.testing.assert_close(merged[key], value, atol=1e-6, rtol=0)

@@ -138,5 +138,6 @@ def _check_adapters(tree: Mapping[str, Any], adapter_keys: frozenset[str]) -> No
         if isinstance(value, DTensor):
             raise TypeError(
                 f"Adapter leaf {key!r} is a DTensor, but FSDP2 runs each module on plain gathered weights. Pass the "
-                "adapter as plain tensors (value.full_tensor()) that every rank holds."
+                "adapter as plain tensors that every rank holds in full, for example gather(pattern='.*')(adapters) "
+                "with ftpeft.distributed.gather."
             )
