@@ -35,8 +35,7 @@ from ftpeft.distributed import (
     save_gathered,
     shard,
 )
-from ftpeft.io import iter_state, load_state, save_state
-from ftpeft.io._merge import AdapterMerge
+from ftpeft.io import AdapterMerge, iter_state, load_state, save_state
 from ftpeft.maps import Shard as ShardMap
 from ftpeft.maps import Drop, StripPrefix
 
