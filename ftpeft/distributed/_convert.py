@@ -161,8 +161,10 @@ def convert_checkpoint(
             the planned tensors.
     """
     grouped = dist.is_available() and dist.is_initialized()
-    count = count if count is not None else (dist.get_world_size() if grouped else 1)
-    index = index if index is not None else (dist.get_rank() if grouped else 0)
+    if count is None:
+        count = dist.get_world_size() if grouped else 1
+    if index is None:
+        index = dist.get_rank() if grouped else 0
     if count < 1 or not 0 <= index < count:
         raise ValueError(f"convert_checkpoint needs count >= 1 and 0 <= index < count, got count={count}, index={index}.")
     use_barrier = grouped and dist.get_world_size() == count
@@ -262,7 +264,7 @@ def _write_index(directory: Path, layout: _Layout) -> Path:
             found = {key: entry.spec for key, entry in header.entries.items()}
             if found != specs:
                 raise RuntimeError(
-                    f"Shard {name!r} in {str(directory)!r} does not hold the planned tensors (first planned key "
+                    f"Shard {name!r} in {str(directory)!r} does not contain the planned tensors (first planned key "
                     f"{next(iter(specs))!r}). Another conversion may have written to this directory; rerun all workers."
                 )
             weight_map.update({key: name for key in specs})
@@ -291,7 +293,7 @@ def save_gathered(
     because the map runs on every rank, group by group and in the same
     order: a ``gather`` in it is a collective. Rank ``writer`` streams each
     group's outputs into ``save_state`` and the other ranks drop them, so
-    no rank holds more than one group's full tensors. End ``map`` with
+    no rank keeps more than one group's full tensors. End ``map`` with
     ``gather(pattern=".*")``, and put a merge before it
     (``method.merge_map() >> Drop(...) >> gather(pattern=".*")``) so the
     merge runs shard-local.

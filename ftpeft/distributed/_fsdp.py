@@ -51,9 +51,9 @@ def fsdp_forward(model: nn.Module, method: PeftMethod) -> Callable[..., Any]:
     """Return ``fn(adapters, *args, **kwargs)`` that runs an FSDP2 model with ``method``'s adapters.
 
     ``model`` is wrapped by ``fully_shard`` and owns the sharded base
-    weights; FSDP2 gathers each one before its module runs, as in plain
-    FSDP2 training. ``fn`` takes only the method's adapter leaves, as plain
-    tensors that every rank holds in full, and applies them to the gathered
+    weights. FSDP2 gathers each one before its module runs, as in plain
+    FSDP2 training. ``fn`` takes only the method's adapter leaves, as
+    full-size plain tensors on every rank. It applies them to the gathered
     weight of each targeted module with the same rules as
     ``functional_forward``: the unmerged low-rank path for ``F.linear`` and
     convolutions, the materialised ``W + dW`` for any other op.
@@ -129,7 +129,7 @@ def _check_adapters(tree: Mapping[str, Any], adapter_keys: frozenset[str]) -> No
     if extra:
         raise ValueError(
             f"fsdp_forward takes the method's adapter leaves only, but got key(s) {', '.join(repr(k) for k in extra[:5])}. "
-            "The FSDP2 model holds the base weights; pass the trainable half of split_trainable."
+            "The FSDP2 model owns the base weights, so pass the trainable half of split_trainable."
         )
     missing = sorted(adapter_keys - tree.keys())
     if missing:
@@ -138,6 +138,6 @@ def _check_adapters(tree: Mapping[str, Any], adapter_keys: frozenset[str]) -> No
         if isinstance(value, DTensor):
             raise TypeError(
                 f"Adapter leaf {key!r} is a DTensor, but FSDP2 runs each module on plain gathered weights. Pass the "
-                "adapter as plain tensors that every rank holds in full, for example gather(pattern='.*')(adapters) "
+                "adapter as full-size plain tensors on every rank, for example gather(pattern='.*')(adapters) "
                 "with ftpeft.distributed.gather."
             )

@@ -113,7 +113,7 @@ class Gather(StateMap):
 def _gather_fn(key: str):
     def fn(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         value = tensors[key]
-        # A plain tensor already holds the full value.
+        # A plain tensor already has the full value.
         return {key: value.full_tensor() if isinstance(value, DTensor) else value}
 
     return fn
@@ -129,7 +129,7 @@ def distribute(
 ) -> Distribute:
     """Return the map that makes the selected keys DTensors on ``mesh`` with ``placements``.
 
-    Put it at the end of a load pipeline, so the loaded tree holds DTensors:
+    Put it at the end of a load pipeline, so the loaded tree contains DTensors:
     ``load_state(path, StripPrefix("model") >> distribute(pattern=".*", mesh=mesh, placements=[Shard(0)]))``.
     Each rank reads the full tensor and keeps its own part. A DTensor
     input is redistributed, a meta tensor (planning) passes through. The

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor, Partial, Placement, Replicate, Shard, distribute_tensor
+from torch.distributed.tensor import DTensor, Placement, Replicate, Shard, distribute_tensor
 
 from ..methods.base import PeftMethod
 from ..methods.lora import LoRA
@@ -52,7 +52,7 @@ def lora_placements(leaf: str, weight: DTensor, *, transposed: bool = False) -> 
             matching adapter layout.
     """
     if leaf not in _LORA_LEAVES:
-        raise ValueError(f"lora_placements knows the leaves {_LORA_LEAVES}, got {leaf!r}.")
+        raise ValueError(f"lora_placements accepts the leaves {_LORA_LEAVES}, got {leaf!r}.")
     out_dim, in_dim = (1, 0) if transposed else (0, 1)
     chosen: list[Placement] = []
     for placement in weight.placements:
@@ -119,7 +119,7 @@ def distribute_adapters(
 ) -> Tree:
     """Return a new tree whose adapter leaves are DTensors on the mesh of the base weight they adapt.
 
-    A plain adapter leaf holds the full (global) value and is split with
+    A plain adapter leaf contains the full (global) value and is split with
     ``distribute_tensor``; a DTensor leaf is redistributed when its
     placements differ. Base leaves and adapters of plain base weights are
     returned as they are. ``method.inject`` calls this with the default
@@ -136,7 +136,7 @@ def distribute_adapters(
             as in ``distribute_tensor``. The default 0 sends rank 0's values
             to every rank, so adapters initialised from different random
             states still agree. None splits each rank's own values with no
-            communication, which is right only when every rank holds the same values.
+            communication, which is right only when every rank has the same values.
 
     Raises:
         ValueError: naming the key when a placement does not fit the mesh,
@@ -151,7 +151,7 @@ def distribute_adapters(
         value = tree[key]
         if key not in owners:
             raise ValueError(
-                f"No placement rule knows adapter leaf {key!r} of {type(method).__name__}; pass placements= with an "
+                f"No placement rule covers adapter leaf {key!r} of {type(method).__name__}; pass placements= with an "
                 "entry for it."
             )
         weight_key, leaf, transposed = owners[key]
@@ -243,8 +243,3 @@ def reduce_gradients(
             dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
             reduced[key] = total / world
     return {key: reduced[key] for key in grads}
-
-
-def is_partial(value: Any) -> bool:
-    """Return whether a DTensor has a ``Partial`` placement on any mesh dimension."""
-    return isinstance(value, DTensor) and any(isinstance(p, Partial) for p in value.placements)
