@@ -166,6 +166,23 @@ def _tensor_parallel_worker(rank, world):
     for key in sharded:
         assert_close(restored[key], full_value(sharded[key]), f"unmerged {key}", atol=1e-6)
 
+    _check_convolution_merge(init_device_mesh("cpu", (world,)))
+
+
+def _check_convolution_merge(mesh):
+    """Merge LoRA into a Conv2d kernel split along each of its dimensions, with no collective."""
+    method = lora(["conv"])
+    kernel = {"conv.weight": torch.randn(6, 4, 3, 3, generator=torch.Generator().manual_seed(4))}
+    tree = random_lora_b(method.inject(kernel, generator=torch.Generator().manual_seed(0)))
+    expected = method.merge(tree)["conv.weight"]
+    for placement in (Shard(0), Shard(1), Shard(2)):
+        sharded = distribute_adapters(method, {**tree, "conv.weight": distribute_tensor(kernel["conv.weight"], mesh, [placement])})
+        with CommDebugMode() as comms:
+            merged = method.merge(sharded)["conv.weight"]
+        assert comms.get_total_counts() == 0, (placement, comms.get_comm_counts())
+        assert merged.placements == (placement,)
+        assert_close(merged, expected, f"kernel merged with {placement!r}", atol=1e-6)
+
 
 def test_tensor_parallel_llama_matches_single_process():
     run_workers(_tensor_parallel_worker, 2)
@@ -227,6 +244,13 @@ def _mesh_2d_worker(rank, world):
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(expected_losses), atol=1e-5, rtol=1e-5)
     for key, value in expected_trained.items():
         assert_close(trained[key], value.detach(), f"trained {key}")
+
+    expected_merged = method.merge({**frozen, **expected_trained})
+    with CommDebugMode() as comms:
+        merged = method.merge({**d_frozen, **trained})
+    assert comms.get_total_counts() == 0, comms.get_comm_counts()
+    for key, value in expected_merged.items():
+        assert_close(merged[key], value.detach(), f"merged {key}", atol=1e-6)
 
 
 def test_two_dim_mesh_training_matches_single_process():
@@ -465,10 +489,12 @@ def test_lora_placements_follow_weight(single_rank_group, weight_placement, tran
 
 
 def test_lora_placements_for_convolution_kernel(single_rank_group):
-    kernel = distribute_tensor(torch.randn(4, 3, 3, 3), single_rank_group, [Shard(2)])
+    by_input = distribute_tensor(torch.randn(4, 3, 3, 3), single_rank_group, [Shard(1)])
+    by_kernel = distribute_tensor(torch.randn(4, 3, 3, 3), single_rank_group, [Shard(2)])
 
-    assert lora_placements("lora_A", kernel) == (Shard(2),)
-    assert lora_placements("lora_B", kernel) == (Replicate(),)
+    assert lora_placements("lora_A", by_input) == (Shard(1),)
+    assert lora_placements("lora_A", by_kernel) == (Replicate(),)
+    assert lora_placements("lora_B", by_kernel) == (Replicate(),)
 
 
 def test_lora_placements_reject_partial_weight(single_rank_group):

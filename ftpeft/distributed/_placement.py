@@ -36,10 +36,12 @@ def lora_placements(leaf: str, weight: DTensor, *, transposed: bool = False) -> 
     - ``W`` split along its output rows (``Shard(0)``, or ``Shard(1)`` with
       ``fan_in_fan_out``): ``lora_B`` and ``lora_bias`` are ``Shard(0)``,
       ``lora_A`` is ``Replicate``;
-    - ``W`` split along its input columns, or along a convolution kernel
-      dimension: ``lora_A`` is split along the same dimension, ``lora_B``
-      and ``lora_bias`` are ``Replicate``;
-    - ``W`` replicated: every leaf is ``Replicate``.
+    - ``W`` split along its input columns: ``lora_A`` is ``Shard(1)``,
+      ``lora_B`` and ``lora_bias`` are ``Replicate``;
+    - ``W`` replicated, or split along a convolution kernel dimension: every
+      leaf is ``Replicate``. For a split kernel the merge then computes the
+      full update on each rank and adds the rank's slice, with no
+      communication.
 
     Args:
         leaf: ``"lora_A"``, ``"lora_B"`` or ``"lora_bias"``.
@@ -62,10 +64,11 @@ def lora_placements(leaf: str, weight: DTensor, *, transposed: bool = False) -> 
             dim = placement.dim % weight.ndim
             if dim == out_dim:
                 chosen.append(Replicate() if leaf == "lora_A" else Shard(0))
-            elif leaf == "lora_A":
-                # A is (r, in, *kernel), so the input and kernel dimensions of W keep their index in A.
-                chosen.append(Shard(1 if dim == in_dim else dim))
+            elif dim == in_dim and leaf == "lora_A":
+                chosen.append(Shard(1))
             else:
+                # A split kernel dimension stays whole in A: the merge flattens A, which DTensor
+                # cannot do for a dimension that the mesh does not divide evenly.
                 chosen.append(Replicate())
         else:
             raise ValueError(
