@@ -650,3 +650,11 @@ def test_docs_example_script_runs(tmp_path, script):
         expected = peft_method_from_config(config).merge({**load_state(tmp_path / "out" / "base"), **adapter})
         for key, value in expected.items():
             torch.testing.assert_close(merged[key], value, atol=1e-6, rtol=0)
+
+
+def test_save_state_rejects_dtensor(single_rank_group, tmp_path):
+    tree = {"w": distribute_tensor(torch.randn(2, 2), single_rank_group, [Shard(0)])}
+
+    with pytest.raises(TypeError, match="tensor 'w' is a DTensor.*Gather it first"):
+        save_state(tmp_path / "out", tree)
+    assert not list((tmp_path / "out").iterdir()), "no file is left behind"
