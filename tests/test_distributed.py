@@ -166,7 +166,9 @@ def _tensor_parallel_worker(rank, world):
     for key in sharded:
         assert_close(restored[key], full_value(sharded[key]), f"unmerged {key}", atol=1e-6)
 
-    _check_convolution_merge(init_device_mesh("cpu", (world,)))
+    mesh = init_device_mesh("cpu", (world,))
+    _check_convolution_merge(mesh)
+    _check_merge_with_other_placements(mesh)
 
 
 def _check_convolution_merge(mesh):
@@ -182,6 +184,22 @@ def _check_convolution_merge(mesh):
         assert comms.get_total_counts() == 0, (placement, comms.get_comm_counts())
         assert merged.placements == (placement,)
         assert_close(merged, expected, f"kernel merged with {placement!r}", atol=1e-6)
+
+
+def _check_merge_with_other_placements(mesh):
+    """Merge and unmerge with adapter placements that differ from the default rule: DTensor's own ops do the math."""
+    method = lora(["up", "down"])
+    tree = random_lora_b(method.inject(state_of(TwoLayerMLP()), generator=torch.Generator().manual_seed(0)))
+    expected = method.merge(tree)
+    base = {k: (distribute_tensor(v, mesh, [Shard(0)]) if k.endswith("weight") else v) for k, v in tree.items() if "lora_" not in k}
+    for rule in ({r".*": [Replicate()]}, {r".*\.lora_A": [Shard(0)], r".*\.lora_B": [Shard(1)]}):
+        sharded = distribute_adapters(method, {**base, **{k: v for k, v in tree.items() if "lora_" in k}}, rule)
+        merged = method.merge(sharded)
+        for key, value in expected.items():
+            assert_close(merged[key], value, f"merged {key} with {rule}", atol=1e-6)
+        restored = method.unmerge(merged, {k: sharded[k] for k in method.adapter_keys(sharded)})
+        for key, value in tree.items():
+            assert_close(restored[key], value, f"unmerged {key} with {rule}", atol=1e-6)
 
 
 def test_tensor_parallel_llama_matches_single_process():
