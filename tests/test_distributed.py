@@ -155,10 +155,13 @@ def _tensor_parallel_worker(rank, world):
         assert grad.placements == d_trainable[key].placements, key
         assert_close(grad, expected_grads[key], f"gradient of {key}")
 
+    before = {k: v.to_local().clone() for k, v in sharded.items() if isinstance(v, DTensor)}
     with CommDebugMode() as comms:
         merged = method.merge(sharded)
         restored = method.unmerge(merged, {k: sharded[k] for k in method.adapter_keys(sharded)})
     assert comms.get_total_counts() == 0, comms.get_comm_counts()
+    for key, local in before.items():
+        assert torch.equal(sharded[key].to_local(), local), f"merge or unmerge changed its input {key}"
     for key, value in expected_merged.items():
         assert_close(merged[key], value, f"merged {key}", atol=1e-6)
         if isinstance(merged[key], DTensor):
@@ -279,7 +282,7 @@ def test_two_dim_mesh_training_matches_single_process():
 
 
 def _fsdp_worker(rank, world, steps):
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import FSDPModule, fully_shard
 
     torch.manual_seed(0)
     model = tiny_llama()
@@ -318,6 +321,7 @@ def _fsdp_worker(rank, world, steps):
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
 
+    shards_before = {k: v.to_local().clone() for k, v in model.state_dict().items()}
     adapters = {k: v.clone().requires_grad_() for k, v in trainable.items()}
     rows = ids.shape[0] // world
     local_ids = ids[rank * rows : (rank + 1) * rows]
@@ -326,6 +330,10 @@ def _fsdp_worker(rank, world, steps):
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(expected_losses), atol=1e-5, rtol=1e-5)
     for key, value in expected.items():
         assert_close(adapters[key].detach(), value.detach(), f"trained {key}")
+    for key, local in shards_before.items():
+        assert torch.equal(model.state_dict()[key].to_local(), local), f"training changed the frozen base weight {key}"
+    plain_modules = [module for module in model.modules() if not isinstance(module, FSDPModule)]
+    assert not any(module._forward_pre_hooks for module in plain_modules), "fsdp_forward removes its hooks"
 
     # Merge into the FSDP-sharded base weights without gathering them.
     sharded = distribute_adapters(method, {**model.state_dict(), **{k: v.detach() for k, v in adapters.items()}})
