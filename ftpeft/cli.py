@@ -137,7 +137,7 @@ def _merge(options: argparse.Namespace) -> None:
         raise UserError(f"base checkpoint directory {str(options.base)!r} does not exist.")
     if options.out.resolve() == options.base.resolve():
         raise UserError("OUT_DIR must differ from BASE_DIR, so that the base checkpoint is never overwritten.")
-    # With several workers, shards of the other workers may already be there; only an index means a finished checkpoint.
+    # With several workers, shards of the other workers may already be there, so only an index means a finished checkpoint.
     parallel = options.workers is not None or int(os.environ.get("WORLD_SIZE", "1")) > 1
     existing = not parallel and options.out.is_dir() and any(options.out.glob("*.safetensors"))
     if existing or (options.out / "model.safetensors.index.json").exists():
@@ -165,7 +165,7 @@ def _merge(options: argparse.Namespace) -> None:
 
 
 def _merge_with_workers(options: argparse.Namespace, merge_map, shard_size, dtype, adapter_count: int, base_count: int) -> None:
-    """Merge this worker's share; worker 0 also writes the index and copies the side files."""
+    """Merge this worker's share. Worker 0 also writes the index and copies the side files."""
     import torch.distributed as dist
 
     from .distributed import convert_checkpoint
