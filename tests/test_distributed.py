@@ -281,7 +281,7 @@ def test_two_dim_mesh_training_matches_single_process():
 # --- FSDP2 ---------------------------------------------------------------------------------------------------
 
 
-def _fsdp_worker(rank, world, steps):
+def _fsdp_worker(rank, world, steps, mesh_shape):
     from torch.distributed.fsdp import FSDPModule, fully_shard
 
     torch.manual_seed(0)
@@ -314,7 +314,9 @@ def _fsdp_worker(rank, world, steps):
     expected_merged = method.merge({**frozen, **expected})
 
     # The user's sharding code: a frozen base, one FSDP unit per decoder layer and one for the rest.
-    mesh = init_device_mesh("cpu", (world,))
+    # A 2-D mesh shape gives HSDP: weights replicated across its first dimension, sharded across its second.
+    names = ("replicate", "shard")[-len(mesh_shape):]
+    mesh = init_device_mesh("cpu", mesh_shape, mesh_dim_names=names)
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     for layer in model.model.layers:
@@ -345,12 +347,12 @@ def _fsdp_worker(rank, world, steps):
 
 
 def test_fsdp2_training_matches_single_process():
-    run_workers(_fsdp_worker, 2, 3)
+    run_workers(_fsdp_worker, 2, 3, (2,))
 
 
 @pytest.mark.distributed_slow
-def test_fsdp2_four_ranks_matches_single_process():
-    run_workers(_fsdp_worker, 4, 4)
+def test_hsdp_four_ranks_matches_single_process():
+    run_workers(_fsdp_worker, 4, 4, (2, 2))
 
 
 # --- maps and checkpoint conversion with N workers -----------------------------------------------------------

@@ -116,8 +116,10 @@ def _registrar(mode: _AdaptedAtCall, name: str, chain: list):
         weight = getattr(module, name)
         if isinstance(weight, DTensor):
             raise RuntimeError(
-                f"{type(module).__name__}.{name} is still a sharded DTensor when the module runs, so FSDP2 did not "
-                "gather it. Call fully_shard on this module or on one that contains it."
+                f"{type(module).__name__}.{name} is still a DTensor when the module runs. Either no fully_shard call "
+                "covers this module (call fully_shard on it or on a module that contains it), or tensor parallelism "
+                "also splits the weight, which fsdp_forward does not support: for that, pass a DTensor tree to "
+                "ftpeft.functional_forward instead."
             )
         mode.register(weight, chain, module.training)
 
