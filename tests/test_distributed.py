@@ -474,6 +474,33 @@ def test_convert_worker_zero_times_out_naming_missing_workers(tmp_path):
     assert not (tmp_path / "out" / "model.safetensors.index.json").exists()
 
 
+def test_convert_worker_zero_ignores_other_layouts(tmp_path):
+    source = tmp_path / "source"
+    _write_source(source)
+    convert_checkpoint(source, tmp_path / "out", count=2, index=1, shard_size=400)
+
+    # Worker 1 planned other shards, so its marker does not count for this run.
+    with pytest.raises(TimeoutError, match=r"Worker\(s\) \[1\] of 2"):
+        convert_checkpoint(source, tmp_path / "out", count=2, index=0, shard_size=10**6, timeout=0.5)
+
+
+def test_convert_hundred_shards_with_four_workers(tmp_path):
+    generator = torch.Generator().manual_seed(0)
+    tree = {f"layers.{i}.proj.weight": torch.randn(4, 4, generator=generator) for i in range(100)}
+    save_state(tmp_path / "base", tree, shard_size=64)
+    method = lora(r"layers\.\d+\.proj")
+    adapter = {k: v for k, v in random_lora_b(method.inject(tree, generator=generator)).items() if "lora_" in k}
+    merge = AdapterMerge(method, adapter)
+
+    for worker in (1, 2, 3, 0):
+        convert_checkpoint(tmp_path / "base", tmp_path / "four", merge, count=4, index=worker, shard_size=64)
+    save_state(tmp_path / "one", iter_state(tmp_path / "base", merge), shard_size=64)
+
+    assert len(list((tmp_path / "base").glob("*.safetensors"))) == 100
+    assert len(list((tmp_path / "four").glob("*.safetensors"))) == 100
+    assert_same_checkpoint(tmp_path / "four", tmp_path / "one")
+
+
 def test_convert_rejects_bad_worker_numbers(tmp_path):
     source = tmp_path / "source"
     _write_source(source)
