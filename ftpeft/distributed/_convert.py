@@ -182,6 +182,8 @@ def convert_checkpoint(
     _write_share(plans[index], layout.files[index], entries, directory, dtype, {"format": "pt", **(metadata or {})}, progress)
     atomic_write_text(_marker(directory, count, index), json.dumps({"layout": digest}) + "\n")
 
+    # NOTE: a worker that fails before this point leaves the others waiting
+    # here until the process group's timeout (30 minutes by default in torch 2.13).
     if use_barrier:
         dist.barrier()
     result = None
