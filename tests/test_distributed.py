@@ -215,7 +215,7 @@ def test_tensor_parallel_llama_matches_single_process():
 def _mesh_2d_worker(rank, world):
     torch.manual_seed(0)
     model = TwoLayerMLP()
-    method = lora(["up", "down"])
+    method = lora(["up", "down"], lora_bias=True)
     generator = torch.Generator().manual_seed(3)
     inputs, targets = torch.randn(8, 6, generator=generator), torch.randn(8, 4, generator=generator)
     learning_rate, steps = 0.5, 3
@@ -249,6 +249,8 @@ def _mesh_2d_worker(rank, world):
     injected = method.inject(base, generator=torch.Generator().manual_seed(0))
     assert injected["up.lora_B"].placements == (Replicate(), Shard(0))
     assert injected["down.lora_A"].placements == (Replicate(), Shard(1))
+    assert injected["up.lora_bias"].placements == (Replicate(), Shard(0))
+    assert injected["down.lora_bias"].placements == (Replicate(), Replicate())
     sharded = distribute_adapters(method, {k: (tree[k] if k.endswith("lora_B") else v) for k, v in injected.items()})
     d_trainable, d_frozen = split_trainable(method, sharded)
     d_trainable = {k: v.detach().requires_grad_() for k, v in d_trainable.items()}
