@@ -50,8 +50,10 @@ def lora_placements(leaf: str, weight: DTensor, *, transposed: bool = False) -> 
             (``LoRAParameters(fan_in_fan_out=True)``).
 
     Raises:
-        ValueError: if the weight has a ``Partial`` placement, which has no
-            matching adapter layout.
+        ValueError: if the weight has a placement other than ``Shard`` or
+            ``Replicate`` on some mesh dimension, such as ``Partial`` or the
+            ``_StridedShard`` that FSDP2 gives a tensor-parallel weight,
+            because the rule has no matching adapter layout for it.
     """
     if leaf not in _LORA_LEAVES:
         raise ValueError(f"lora_placements accepts the leaves {_LORA_LEAVES}, got {leaf!r}.")
@@ -128,6 +130,8 @@ def distribute_adapters(
     returned as they are. ``method.inject`` calls this with the default
     placements when the base weights are DTensors, so call it yourself to
     override the placements, or to place an adapter loaded from disk.
+    The returned leaves carry no autograd history, so call
+    ``requires_grad_()`` on the ones you train.
 
     Args:
         method: the method that owns the adapter leaves.
