@@ -378,6 +378,11 @@ def _convert_worker(rank, world, source, target, exported, method, adapter):
     convert_checkpoint(source, target, AdapterMerge(method, adapter), shard_size=400)
     assert (Path(target) / "model.safetensors.index.json").is_file(), "every worker returns after the index exists"
 
+    # Workers started with different arguments plan different shards; every worker raises before any index.
+    with pytest.raises(ValueError, match=r"Worker\(s\) \[1\] planned other output shards"):
+        convert_checkpoint(source, Path(target).with_name("mixed"), shard_size=400 if rank == 0 else 10**6)
+    assert not (Path(target).with_name("mixed") / "model.safetensors.index.json").exists()
+
     # Merge shard-local into a DTensor tree, then gather group by group and write from rank 0.
     mesh = init_device_mesh("cpu", (world,))
     base = load_state(source, distribute(pattern=r".*proj\.weight", mesh=mesh, placements=[Shard(0)]), passthrough=True)

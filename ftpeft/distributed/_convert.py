@@ -154,7 +154,8 @@ def convert_checkpoint(
         The path of the index json on worker 0, None on the other workers.
 
     Raises:
-        ValueError: if ``count`` or ``index`` is invalid.
+        ValueError: if ``count`` or ``index`` is invalid, or, in a process
+            group, if the workers planned different output shards.
         TimeoutError: on worker 0, naming the workers whose markers did not
             appear within ``timeout`` seconds.
         RuntimeError: on worker 0, naming a shard whose header does not list
@@ -168,6 +169,11 @@ def convert_checkpoint(
     if count < 1 or not 0 <= index < count:
         raise ValueError(f"convert_checkpoint needs count >= 1 and 0 <= index < count, got count={count}, index={index}.")
     use_barrier = grouped and dist.get_world_size() == count
+    if use_barrier and index != dist.get_rank():
+        raise ValueError(
+            f"convert_checkpoint runs in a process group of {count} ranks, so index must be this process's rank "
+            f"{dist.get_rank()}, got {index}. Leave index=None."
+        )
 
     directory = Path(target)
     if directory.suffix == ".safetensors":
@@ -182,21 +188,45 @@ def convert_checkpoint(
     _write_share(plans[index], layout.files[index], entries, directory, dtype, {"format": "pt", **(metadata or {})}, progress)
     atomic_write_text(_marker(directory, count, index), json.dumps({"layout": digest}) + "\n")
 
+    if not use_barrier:
+        if index != 0:
+            return None
+        _wait_for_markers(directory, count, digest, timeout)
+        return _finish(directory, layout, count)
+
     # NOTE: a worker that fails before this point leaves the others waiting
     # here until the process group's timeout (30 minutes by default in torch 2.13).
-    if use_barrier:
-        dist.barrier()
-    result = None
+    digests: list[str | None] = [None] * count
+    dist.all_gather_object(digests, digest)
+    differing = [worker for worker, other in enumerate(digests) if other != digests[0]]
+    if differing:
+        raise ValueError(
+            f"Worker(s) {differing} planned other output shards than worker 0. Start every worker with the same "
+            "source, map, shard_size and dtype."
+        )
+    result, failure = None, [None]
     if index == 0:
-        if not use_barrier:
-            _wait_for_markers(directory, count, digest, timeout)
-        result = _write_index(directory, layout)
-        for worker in range(count):
-            _marker(directory, count, worker).unlink(missing_ok=True)
-    if use_barrier:
-        # The other workers return only once the index exists.
-        dist.barrier()
+        try:
+            result = _finish(directory, layout, count)
+        except Exception as error:  # noqa: BLE001 - sent to the other workers, then raised here too
+            failure = [f"{type(error).__name__}: {error}"]
+            raise
+        finally:
+            # The other workers return only once the index exists, or raise when it could not be written.
+            dist.broadcast_object_list(failure, src=0)
+    else:
+        dist.broadcast_object_list(failure, src=0)
+        if failure[0] is not None:
+            raise RuntimeError(f"Worker 0 could not write the index: {failure[0]}")
     return result
+
+
+def _finish(directory: Path, layout: _Layout, count: int) -> Path:
+    """Write the index of every worker's shards, then remove the marker files."""
+    index_path = _write_index(directory, layout)
+    for worker in range(count):
+        _marker(directory, count, worker).unlink(missing_ok=True)
+    return index_path
 
 
 def _write_share(plan: Plan, files, entries, directory: Path, dtype, metadata, progress: bool) -> None:
