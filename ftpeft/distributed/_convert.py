@@ -126,11 +126,13 @@ def convert_checkpoint(
     those of ``save_state(target, iter_state(source, map))``, and with one
     worker the files are byte for byte the same.
 
-    Workers wait for each other with ``torch.distributed.barrier()`` when
-    a process group of ``count`` ranks is initialised. Without one (for
-    example separate jobs on a shared file system) each worker leaves a
-    marker file in ``target``, and worker 0 polls for all of them before
-    it writes the index, then removes them.
+    When a process group of ``count`` ranks is initialised, the workers
+    compare their plans with ``all_gather_object``, which also waits for
+    all of them, and worker 0 sends the outcome of the index write to the
+    others, so they all return or raise together. Without one (for example
+    separate jobs on a shared file system) each worker leaves a marker file
+    in ``target``, and worker 0 polls for all of them before it writes the
+    index, then removes them.
 
     Args:
         source: a ``.safetensors`` file or a checkpoint directory.
@@ -168,8 +170,8 @@ def convert_checkpoint(
         index = dist.get_rank() if grouped else 0
     if count < 1 or not 0 <= index < count:
         raise ValueError(f"convert_checkpoint needs count >= 1 and 0 <= index < count, got count={count}, index={index}.")
-    use_barrier = grouped and dist.get_world_size() == count
-    if use_barrier and index != dist.get_rank():
+    collective = grouped and dist.get_world_size() == count
+    if collective and index != dist.get_rank():
         raise ValueError(
             f"convert_checkpoint runs in a process group of {count} ranks, so index must be this process's rank "
             f"{dist.get_rank()}, got {index}. Leave index=None."
@@ -188,7 +190,7 @@ def convert_checkpoint(
     _write_share(plans[index], layout.files[index], entries, directory, dtype, {"format": "pt", **(metadata or {})}, progress)
     atomic_write_text(_marker(directory, count, index), json.dumps({"layout": digest}) + "\n")
 
-    if not use_barrier:
+    if not collective:
         if index != 0:
             return None
         _wait_for_markers(directory, count, digest, timeout)
