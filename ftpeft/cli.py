@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -78,6 +79,14 @@ def _parser() -> argparse.ArgumentParser:
         metavar="OLD=NEW",
         help="rename a leading prefix of the adapter's module paths to match the base, e.g. model=language_model.model",
     )
+    merge.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="split the merge across N workers, each started with its own --worker; worker 0 writes the index "
+        "once every worker is done. Under torchrun the world size and rank are used instead",
+    )
+    merge.add_argument("--worker", type=int, metavar="K", help="this worker's number, from 0 to N-1 (with --workers)")
     merge.set_defaults(run=_merge)
 
     inspect = commands.add_parser("inspect", help="list a checkpoint's or adapter's tensors, and an adapter's targets")
@@ -141,21 +150,27 @@ def _merge(options: argparse.Namespace) -> None:
         raise UserError(f"base checkpoint directory {str(options.base)!r} does not exist.")
     if options.out.resolve() == options.base.resolve():
         raise UserError("OUT_DIR must differ from BASE_DIR, so that the base checkpoint is never overwritten.")
-    if options.out.is_dir() and any(options.out.glob("*.safetensors")) or (options.out / "model.safetensors.index.json").exists():
+    # With several workers, shards of the other workers may already be there, so only an index means a finished checkpoint.
+    parallel = options.workers is not None or int(os.environ.get("WORLD_SIZE", "1")) > 1
+    existing = not parallel and options.out.is_dir() and any(options.out.glob("*.safetensors"))
+    if existing or (options.out / "model.safetensors.index.json").exists():
         raise UserError(f"OUT_DIR {str(options.out)!r} already contains a checkpoint; choose a new or empty directory.")
     spec = checkpoint_spec(options.base)
     config, adapter = _read_adapter(options.adapter, base=spec, key_map=_key_map(options.rename_prefix))
     method = peft_method_from_config(config)
     merge_map = AdapterMerge(method, adapter)
     merge_map.plan(spec)  # binds every adapter leaf before anything is written
+    _warn_tied_embeddings(options.base, method, spec)
 
     shard_size = options.shard_size or max(_input_shard_sizes(options.base), default=5 * 10**9)
     dtype = _DTYPES[options.dtype] if options.dtype else None
+    if options.workers is not None or options.worker is not None or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        _merge_with_workers(options, merge_map, shard_size, dtype, len(adapter), len(spec))
+        return
     stream = iter_state(options.base, merge_map, dtype=dtype, progress=True)
     index = save_state(options.out, stream, shard_size=shard_size)
     copied = _copy_side_files(options.base, options.out, options.dtype)
 
-    _warn_tied_embeddings(options.base, method, spec)
     shards = len(set(json.loads(index.read_text())["weight_map"].values()))
     print(f"merged {len(adapter)} adapter tensors into {len(spec)} base tensors")
     print(f"wrote {shards} shard(s) and {index.name} to {options.out}")
@@ -186,6 +201,42 @@ def _warn_tied_embeddings(base: Path, method, spec) -> None:
             "false and add the base table under the other name.",
             file=sys.stderr,
         )
+
+
+def _merge_with_workers(options: argparse.Namespace, merge_map, shard_size, dtype, adapter_count: int, base_count: int) -> None:
+    """Merge this worker's share. Worker 0 also writes the index and copies the side files."""
+    import torch.distributed as dist
+
+    from .distributed import convert_checkpoint
+
+    started = False
+    if options.workers is None:
+        if options.worker is not None:
+            raise UserError("--worker needs --workers N.")
+        # Started by torchrun, which sets WORLD_SIZE, RANK, MASTER_ADDR and MASTER_PORT.
+        dist.init_process_group("gloo")
+        started = True
+        count, index = dist.get_world_size(), dist.get_rank()
+    else:
+        count, index = options.workers, options.worker
+        if count < 1 or index is None or not 0 <= index < count:
+            raise UserError(f"--workers {count} needs --worker K with 0 <= K < {count}, got {index}.")
+    try:
+        result = convert_checkpoint(
+            options.base, options.out, merge_map, count=count, index=index, shard_size=shard_size, dtype=dtype, progress=index == 0
+        )
+    finally:
+        if started:
+            dist.destroy_process_group()
+    if result is None:
+        print(f"worker {index} of {count}: wrote its shards to {options.out}")
+        return
+    copied = _copy_side_files(options.base, options.out, options.dtype)
+    shards = len(set(json.loads(result.read_text())["weight_map"].values()))
+    print(f"merged {adapter_count} adapter tensors into {base_count} base tensors with {count} workers")
+    print(f"wrote {shards} shard(s) and {result.name} to {options.out}")
+    if copied:
+        print(f"copied {', '.join(copied)}")
 
 
 def _input_shard_sizes(base: Path) -> list[int]:

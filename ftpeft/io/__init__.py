@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ._format import CheckpointError
+from ._merge import AdapterMerge
 from ._state import checkpoint_spec, iter_state, load_state, save_state
 from .adapter import is_ftpeft_adapter, load_adapter, save_adapter
 from .hf_peft import (
@@ -17,6 +18,7 @@ from .hf_peft import (
 )
 
 __all__ = [
+    "AdapterMerge",
     "CheckpointError",
     "FtpeftWarning",
     "HFPeftKeys",

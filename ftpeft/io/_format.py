@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -182,6 +183,11 @@ class ShardWriter:
         """Write the next tensor; its name, shape and dtype must be the next of the specs."""
         if not self._pending:
             raise ValueError(f"{str(self.file)!r}: tensor {name!r} arrived after every planned tensor was written.")
+        if _is_dtensor(tensor):
+            raise TypeError(
+                f"{str(self.file)!r}: tensor {name!r} is a DTensor, which contains only this rank's part. Gather it "
+                "first, with ftpeft.distributed.gather or ftpeft.distributed.save_gathered."
+            )
         expected_name, spec = self._pending[0]
         if name != expected_name or tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
             raise ValueError(
@@ -226,6 +232,12 @@ def _write_tensor(handle, tensor: torch.Tensor) -> None:
         return
     data = tensor.detach().to("cpu").contiguous()
     handle.write(memoryview(data.view(-1).view(torch.uint8).numpy()))
+
+
+def _is_dtensor(value: object) -> bool:
+    # Only an imported torch.distributed.tensor can have made a DTensor, so plain users skip that import.
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(value, module.DTensor)
 
 
 def _numel(shape: Iterable[int]) -> int:

@@ -15,7 +15,7 @@ from __future__ import annotations
 from ._core import Compose, Group, Identity, Parallel, Plan, StateMap, check_invertible, compose, identity
 from ._keys import AddPrefix, Drop, RegexRename, Rename, SelectScope, StripPrefix, regex_rename, rename
 from ._shapes import Cast, Chunk, Concatenate, Reshape, Squeeze, Stack, Transpose, Unsqueeze, Unstack, is_widening
-from ._shard import Shard
+from ._shard import Shard, shard
 
 __all__ = [
     "AddPrefix",
@@ -46,4 +46,5 @@ __all__ = [
     "is_widening",
     "regex_rename",
     "rename",
+    "shard",
 ]

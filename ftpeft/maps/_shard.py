@@ -9,7 +9,7 @@ from typing import Any
 from ..tree import TensorSpec
 from ._core import Group, Plan, StateMap
 
-__all__ = ["Shard"]
+__all__ = ["Shard", "shard"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,3 +75,17 @@ class _ShardInverse(StateMap):
 
     def inverse(self) -> StateMap:
         return Shard(self.inner.inverse(), self.count, self.index)
+
+
+def shard(map: StateMap, count: int, index: int) -> Shard:
+    """Return the part of ``map`` that worker ``index`` of ``count`` runs: its groups, dealt round robin.
+
+    Every worker that plans the same spec gets a disjoint share, and the
+    shares cover every group, so ``count`` workers together run the whole
+    map. ``ftpeft.distributed.convert_checkpoint`` uses it to convert a
+    checkpoint with several workers.
+
+    Raises:
+        ValueError: unless ``count >= 1`` and ``0 <= index < count``.
+    """
+    return Shard(map, count, index)

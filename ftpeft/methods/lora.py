@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import sys
 import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -66,6 +67,12 @@ def merge_weight(
     """
     needs_graph = torch.is_grad_enabled() and (weight.requires_grad or lora_a.requires_grad or lora_b.requires_grad)
     plain = type(weight) is torch.Tensor and type(lora_a) is torch.Tensor and type(lora_b) is torch.Tensor
+    if not plain and not needs_graph and "torch.distributed.tensor" in sys.modules:
+        from ..distributed._merge import merge_local  # DTensors: the same blocked merge on each rank's shards
+
+        merged = merge_local(weight, lora_a, lora_b, scale, transposed=transposed, sign=sign)
+        if merged is not None:
+            return merged
     if needs_graph or not plain or torch._C._are_functorch_transforms_active() or weight.device.type == "meta" or weight.dim() != 2:
         return add_delta(weight, lora_delta(lora_a, lora_b, scale, weight.dtype, transposed=transposed), sign=sign)
 
@@ -649,6 +656,11 @@ class LoRA(PeftMethod):
             if self.config.params.use_dora:
                 spec_magnitude = TensorSpec(magnitude_shape(target, weight.shape), dtype, weight.device, adapter=True)
                 adapted[target.key_magnitude] = spec_magnitude if planning else self._init_magnitude(target, adapted, spec_magnitude)
+        if not planning and "torch.distributed.tensor" in sys.modules:
+            # Only then can the tree hold DTensors; their adapters become DTensors placed to match.
+            from ..distributed import distribute_adapters
+
+            adapted = distribute_adapters(self, adapted)
         return adapted
 
     def _init_magnitude(self, target: LoRATarget, adapted: Mapping[str, Any], spec: TensorSpec) -> torch.Tensor:
