@@ -172,6 +172,7 @@ def _tensor_parallel_worker(rank, world):
     mesh = init_device_mesh("cpu", (world,))
     _check_convolution_merge(mesh)
     _check_merge_with_other_placements(mesh)
+    _check_layer_kinds_merge(mesh)
 
 
 def _check_convolution_merge(mesh):
@@ -203,6 +204,41 @@ def _check_merge_with_other_placements(mesh):
         restored = method.unmerge(merged, {k: sharded[k] for k in method.adapter_keys(sharded)})
         for key, value in tree.items():
             assert_close(restored[key], value, f"unmerged {key} with {rule}", atol=1e-6)
+
+
+def _check_layer_kinds_merge(mesh):
+    """Place, merge and unmerge an embedding table with DoRA, a DoRA linear and an expert stack, each split two ways."""
+    generator = torch.Generator().manual_seed(5)
+    base = {
+        "embed.weight": torch.randn(8, 6, generator=generator),
+        "proj.weight": torch.randn(4, 6, generator=generator),
+        "experts.stack": torch.randn(2, 4, 6, generator=generator),
+    }
+    dora = peft_method_from_config(
+        LoRAConfig(module_name_pattern=["embed", "proj"], embedding_pattern=["embed"], params=LoRAParameters(r=2, alpha=4.0, use_dora=True))
+    )
+    experts = peft_method_from_config(LoRAConfig(parameter_pattern=["experts.stack"], params=LoRAParameters(r=2, alpha=4.0)))
+    for method in (dora, experts):
+        tree = method.inject(base, generator=torch.Generator().manual_seed(0))
+        tree = {k: (torch.randn(v.shape, generator=generator) if "lora" in k and "magnitude" not in k else v) for k, v in tree.items()}
+        expected = method.merge(tree)
+        for placement in (Shard(0), Shard(1)):
+            sharded = distribute_adapters(method, {k: (distribute_tensor(v, mesh, [placement]) if "lora" not in k else v) for k, v in tree.items()})
+            adapter = {k: sharded[k] for k in method.adapter_keys(sharded)}
+            assert all(isinstance(value, DTensor) for value in adapter.values())
+            norms = method.weight_norms(sharded) if method is dora else {}
+            merged = method.merge(sharded)
+            restored = method.unmerge(merged, {**adapter, **norms})
+            for key, value in expected.items():
+                assert merged[key].placements == (placement,), key
+                assert_close(merged[key], value, f"merged {key} with {placement!r}", atol=1e-5)
+            for key, value in tree.items():
+                assert_close(restored[key], value, f"unmerged {key} with {placement!r}", atol=1e-5)
+    # A row-split table (Shard(0), its num_embeddings) splits A's columns and keeps B whole.
+    table = distribute_adapters(dora, {**dora.inject(base), "embed.weight": distribute_tensor(base["embed.weight"], mesh, [Shard(0)])})
+    assert table["embed.lora_embedding_A"].placements == (Shard(1),)
+    assert table["embed.lora_embedding_B"].placements == (Replicate(),)
+    assert table["embed.lora_magnitude_vector"].placements == (Replicate(),)
 
 
 def test_tensor_parallel_llama_matches_single_process():

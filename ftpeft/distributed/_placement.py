@@ -87,16 +87,36 @@ def _lora_members(method: PeftMethod) -> list[LoRA]:
     return [method] if isinstance(method, LoRA) else []
 
 
-def _owners(method: PeftMethod, tree: Mapping[str, Any]) -> dict[str, tuple[str, str, bool]]:
-    """Map each adapter key to ``(base weight key, leaf name, transposed)``."""
-    owners: dict[str, tuple[str, str, bool]] = {}
+def _owners(method: PeftMethod, tree: Mapping[str, Any]) -> dict[str, tuple[str, str, bool, str]]:
+    """Map each adapter key to ``(base weight key, leaf role, transposed, target kind)``.
+
+    The role is ``lora_A``, ``lora_B``, ``lora_bias`` or ``magnitude`` (DoRA's
+    vector, one value per output row, placed like the bias). An embedding
+    table ``(num_embeddings, dim)`` is placed as a transposed linear weight,
+    since its output dimension is dim 1.
+    """
+    owners: dict[str, tuple[str, str, bool, str]] = {}
     for lora in _lora_members(method):
-        transposed = lora.config.params.fan_in_fan_out
-        for module in lora.targets(tree):
-            prefix = f"{module}." if module else ""
-            for leaf in _LORA_LEAVES:
-                owners[prefix + leaf] = (prefix + "weight", leaf, transposed)
+        for target in lora.lora_targets(tree):
+            transposed = target.transposed or target.kind == "embedding"
+            roles = {target.key_a: "lora_A", target.key_b: "lora_B", target.key_lora_bias: "lora_bias", target.key_magnitude: "magnitude"}
+            for key, role in roles.items():
+                owners[key] = (target.weight_key, role, transposed, target.kind)
     return owners
+
+
+def _default_placements(role: str, weight: DTensor, transposed: bool, kind: str) -> tuple[Placement, ...]:
+    """Return the method's default placements of one adapter leaf."""
+    if kind == "experts":
+        # Expert e owns columns e, e + E, ... of B, which no Shard placement keeps together, so both leaves stay whole.
+        return tuple(Replicate() for _ in weight.placements)
+    if role != "magnitude":
+        return lora_placements(role, weight, transposed=transposed)
+    placements = lora_placements("lora_bias", weight, transposed=transposed)
+    if kind == "conv":
+        # A kernel's magnitude is (1, out, 1, ...), so its output dimension is dim 1.
+        placements = tuple(Shard(1) if isinstance(p, Shard) else p for p in placements)
+    return placements
 
 
 def _rule_placements(rule: PlacementRule | None, key: str, weight: DTensor) -> Sequence[Placement] | None:
@@ -161,13 +181,13 @@ def distribute_adapters(
                 f"No placement rule covers adapter leaf {key!r} of {type(method).__name__}; pass placements= with an "
                 "entry for it."
             )
-        weight_key, leaf, transposed = owners[key]
+        weight_key, role, transposed, kind = owners[key]
         weight = tree.get(weight_key)
         if not isinstance(weight, DTensor):
             continue
         chosen = _rule_placements(placements, key, weight)
         if chosen is None:
-            chosen = lora_placements(leaf, weight, transposed=transposed)
+            chosen = _default_placements(role, weight, transposed, kind)
         chosen = tuple(chosen)
         if len(chosen) != weight.device_mesh.ndim:
             raise ValueError(
