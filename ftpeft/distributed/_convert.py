@@ -128,7 +128,7 @@ def convert_checkpoint(
 
     When a process group of ``count`` ranks is initialised, the workers
     compare their plans with ``all_gather_object``, which also waits for
-    all of them, and worker 0 sends the outcome of the index write to the
+    all of them. Worker 0 then sends the outcome of the index write to the
     others, so they all return or raise together. Without one (for example
     separate jobs on a shared file system) each worker leaves a marker file
     in ``target``, and worker 0 polls for all of them before it writes the
