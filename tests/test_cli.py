@@ -237,3 +237,21 @@ def test_inspect_reads_expert_adapter_with_base(tmp_path, capsys):
     assert "Pass --base BASE_DIR" in capsys.readouterr().err
     assert main(["inspect", str(tmp_path / "adapter"), "--base", str(tmp_path / "base")]) == 0
     assert "model.layers.0.mlp.experts.down_proj     2" in capsys.readouterr().out
+
+
+def test_merge_rebuilds_residual_of_pissa_adapter(tmp_path):
+    model = tiny_llama()
+    model.save_pretrained(tmp_path / "base")
+    peft_model = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], init_lora_weights="pissa"))
+    with torch.no_grad():
+        for name, parameter in peft_model.named_parameters():
+            if "lora_B" in name:
+                parameter.add_(0.05)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    expected = {k: v.detach().clone() for k, v in peft_model.merge_and_unload().state_dict().items()}
+
+    assert main(["merge", str(tmp_path / "base"), str(tmp_path / "adapter"), str(tmp_path / "out")]) == 0
+
+    merged = load_state(tmp_path / "out")
+    for key, value in merged.items():
+        torch.testing.assert_close(value, expected[key], rtol=1e-5, atol=1e-5, msg=key)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from ftpeft import LoRAConfig, LoRAParameters, PeftStackConfig, functional_forward, peft_method_from_config
+from ftpeft import LoRAConfig, LoRAParameters, PeftStackConfig, functional_forward, peft_method_from_config, spec_of
 from ftpeft.io import FtpeftWarning, load_hf_peft_adapter, read_hf_peft_config, replace_prefix, save_hf_peft_adapter
 
 from conftest import randomise_lora_b, state_of, tiny_bert, tiny_gpt2, tiny_llama
@@ -196,7 +196,7 @@ def test_unknown_fields_are_kept_with_a_warning(tmp_path):
     assert json.loads((tmp_path / "b" / "adapter_config.json").read_text())["future_option"] == {"x": 1}
 
 
-@pytest.mark.parametrize(("field", "value"), [("use_qalora", True), ("bias", "all"), ("init_lora_weights", "pissa"), ("layers_to_transform", [0])])
+@pytest.mark.parametrize(("field", "value"), [("use_qalora", True), ("bias", "all"), ("init_lora_weights", "loftq"), ("layers_to_transform", [0])])
 def test_unsupported_field_is_named(tmp_path, field, value):
     write_adapter(tmp_path, {"peft_type": "LORA", "r": 2, "lora_alpha": 2, "target_modules": ["q"], field: value}, {"base_model.model.q.lora_A.weight": torch.zeros(2, 4), "base_model.model.q.lora_B.weight": torch.zeros(4, 2)})
 
@@ -266,3 +266,29 @@ def test_lora_bias_round_trips_with_peft(tmp_path):
     theirs = peft_model.merge_and_unload().state_dict()
     key = "encoder.layer.0.attention.self.query.bias"
     torch.testing.assert_close(merged[key], theirs[key], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_residual_init_adapter_round_trips_with_peft(init, tmp_path):
+    peft = pytest.importorskip("peft")
+    model = tiny_llama()
+    reference = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=init))
+    with torch.no_grad():
+        for name, parameter in reference.named_parameters():
+            if "lora_B" in name:
+                parameter.add_(0.05)
+    reference.save_pretrained(tmp_path / "peft")
+    ids = torch.tensor([[3, 8, 1, 30]])
+
+    config, adapter = load_hf_peft_adapter(tmp_path / "peft", base=spec_of(model))
+    method = peft_method_from_config(config)
+    # inject turns the original base into the residual W - s * B0 @ A0; the loaded leaves replace B0 and A0.
+    tree = {**method.inject(state_of(model)), **adapter}
+    out = functional_forward(model, method)(tree, ids).logits
+    save_hf_peft_adapter(tmp_path / "ours", config, adapter)
+    reloaded = peft.PeftModel.from_pretrained(copy.deepcopy(model), tmp_path / "ours")
+
+    assert config.params.init == init
+    assert json.loads((tmp_path / "ours" / "adapter_config.json").read_text())["init_lora_weights"] == init
+    torch.testing.assert_close(out, reference(ids).logits, atol=1e-4, rtol=0)
+    torch.testing.assert_close(reloaded(ids).logits, reference(ids).logits, atol=1e-4, rtol=0)

@@ -82,10 +82,15 @@ def _members(method: PeftMethod) -> list[PeftMethod]:
 
 
 def _shear(method: LoRA, target: LoRATarget, leaves: dict[str, torch.Tensor]):
+    residual_init = method.config.params.init in ("pissa", "olora")
+
     def fn(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         ((key, weight),) = tensors.items()
         if weight.device.type == "meta":
             return {key: weight}
+        if residual_init:
+            # A PiSSA or OLoRA adapter was trained on the residual W - s * B0 @ A0, which the original base determines.
+            weight = method.residual_weight(target, weight)
         # The bias, when LoRA changes it, has its own group; only the weight is taken here.
         return {key: method._merge_target(target, {**leaves, key: weight}, sign=1)[key]}
 

@@ -242,10 +242,10 @@ def read_hf_peft_config(directory: str | os.PathLike) -> HFPeftConfig:
     if raw.get("bias", "none") != "none":
         raise ValueError(f"{str(path)!r} sets bias = {raw['bias']!r}; ftpeft supports bias 'none' only for now.")
     init = raw.get("init_lora_weights", True)
-    if init not in (True, False, "gaussian"):
+    if init not in (True, False, "gaussian", "pissa", "olora"):
         raise ValueError(
-            f"{str(path)!r} sets init_lora_weights = {init!r}; that initialisation changes the base weights, which "
-            "ftpeft cannot reproduce yet."
+            f"{str(path)!r} sets init_lora_weights = {init!r}; that initialisation changes the base weights in a way "
+            "ftpeft cannot reproduce (it reproduces 'pissa', with a full SVD, and 'olora')."
         )
 
     unknown = sorted(set(raw) - _SUPPORTED - _INFORMATIONAL - set(_UNSUPPORTED_DEFAULTS))
@@ -282,7 +282,7 @@ def read_hf_peft_config(directory: str | os.PathLike) -> HFPeftConfig:
             fan_in_fan_out=bool(raw.get("fan_in_fan_out", False)),
             lora_bias=bool(raw.get("lora_bias", False)),
             use_dora=bool(raw.get("use_dora", False)),
-            init="gaussian" if init == "gaussian" else "kaiming_uniform",
+            init=init if init in ("gaussian", "pissa", "olora") else "kaiming_uniform",
         ),
         rank_pattern=raw.get("rank_pattern") or {},
         alpha_pattern=raw.get("alpha_pattern") or {},
@@ -692,7 +692,8 @@ def _config_json(lora: LoRAConfig, saved_modules: list[str], extra: Mapping[str,
         "bias": "none",
         "fan_in_fan_out": params.fan_in_fan_out,
         "inference_mode": True,
-        "init_lora_weights": "gaussian" if params.init == "gaussian" else True,
+        # PiSSA and OLoRA must be named: peft then recomputes the residual base weight on load.
+        "init_lora_weights": params.init if params.init in ("gaussian", "pissa", "olora") else True,
         "lora_alpha": number(params.alpha),
         "lora_dropout": params.dropout,
         "modules_to_save": saved_modules or None,

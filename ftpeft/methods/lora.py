@@ -713,6 +713,21 @@ class LoRA(PeftMethod):
         residual = merge_weight(weight.detach(), lora_a, lora_b, scale, transposed=transposed, sign=-1)
         return residual, lora_a.to(dtype).contiguous(), lora_b.to(dtype).contiguous()
 
+    def residual_weight(self, target: LoRATarget, weight: torch.Tensor) -> torch.Tensor:
+        """Return the base weight that a PiSSA or OLoRA ``inject`` leaves, ``W - s * B0 @ A0``, for one target.
+
+        ``target`` is one of ``lora_targets(tree)``. Use it to rebuild the base
+        of an adapter trained with these inits from the original weight, as
+        ``inject`` would: the SVD and QR decompositions are deterministic.
+
+        Raises:
+            ValueError: if the config's init is neither ``pissa`` nor ``olora``.
+        """
+        if self.config.params.init not in ("pissa", "olora"):
+            raise ValueError(f"residual_weight is for init 'pissa' or 'olora'; this config has init {self.config.params.init!r}.")
+        rank = self.config.rank_of(target.name)
+        return self._decompose(target, weight, rank, adapter_dtype(weight.dtype))[0]
+
     def _init_a(self, spec: TensorSpec, rank: int, generator: torch.Generator | None) -> torch.Tensor:
         if spec.device.type == "meta":
             return torch.empty(spec.shape, dtype=spec.dtype, device="meta")
