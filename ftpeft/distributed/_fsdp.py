@@ -10,7 +10,7 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
-from ..forward import _AdaptedWeights, _as_tree
+from ..forward import _add_output_biases, _AdaptedWeights, _as_tree
 from ..methods.base import PeftMethod
 from ..tree import spec_of
 
@@ -40,7 +40,8 @@ class _AdaptedAtCall(_AdaptedWeights):
         x = args[0] if args else kwargs["input"]
         deltas = [adapter.linear_delta(x, training) for adapter in chain]
         if any(delta is None for delta in deltas):
-            return self._call_with(func, args, kwargs, self._materialise_if_adapted(weight))
+            fallback = self._call_with(func, args, kwargs, self._materialise_if_adapted(weight))
+            return _add_output_biases(fallback, chain, channel_dim=-1)
         output = func(*args, **kwargs)
         for delta in deltas:
             output = output + delta.to(output.dtype)
