@@ -412,3 +412,66 @@ def test_compiled_lora_scale_matches_eager():
     x = torch.randn(4, 6)
 
     torch.testing.assert_close(torch.compile(fn, fullgraph=True)(tree, x), fn(tree, x))
+
+
+class CrossAttentionProjections(nn.Module):
+    """Three sibling projections, two of which read a second input."""
+
+    def __init__(self):
+        super().__init__()
+        self.q = nn.Linear(6, 4)
+        self.k = nn.Linear(6, 4)
+        self.v = nn.Linear(6, 4)
+
+    def forward(self, x, y):
+        return self.q(x) * self.k(y) + self.v(y) + self.q(y)
+
+
+def test_sibling_adapters_share_input_product():
+    model = CrossAttentionProjections()
+    method = peft_method_from_config(LoRAConfig(module_name_pattern=["q", "k", "v"], params=LoRAParameters(r=3, alpha=6.0)))
+    generator = torch.Generator().manual_seed(3)
+    tree = {k: (torch.randn(v.shape, generator=generator) if "lora" in k else v) for k, v in method.inject(state_of(model)).items()}
+    x, y = torch.randn(5, 6), torch.randn(5, 6)
+
+    def lin(name, inputs):
+        return F.linear(inputs, tree[f"{name}.weight"], tree[f"{name}.bias"]) + 2.0 * inputs @ tree[f"{name}.lora_A"].T @ tree[f"{name}.lora_B"].T
+
+    stacked_shapes = []
+
+    class Recorder(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            # Base weights are (4, 6); the adapters' A leaves, alone or stacked, have 3, 6 or 9 rows.
+            if func is F.linear and args[1].shape[1] == 6 and args[1].shape[0] % 3 == 0:
+                stacked_shapes.append(tuple(args[1].shape))
+            return func(*args, **(kwargs or {}))
+
+    with Recorder():
+        out = functional_forward(model, method)(tree, x, y)
+
+    torch.testing.assert_close(out, lin("q", x) * lin("k", y) + lin("v", y) + lin("q", y))
+    # q, k and v share one product with x; k and v, still waiting, share one with y; q's second call is its own.
+    assert stacked_shapes == [(9, 6), (6, 6), (3, 6)]
+
+
+def test_sibling_sharing_keeps_gradients():
+    model = CrossAttentionProjections()
+    method = peft_method_from_config(LoRAConfig(module_name_pattern=["q", "k", "v"], params=LoRAParameters(r=2, alpha=4.0)))
+    generator = torch.Generator().manual_seed(4)
+    tree = {k: (0.3 * torch.randn(v.shape, generator=generator) if "lora" in k else v) for k, v in method.inject(state_of(model)).items()}
+    trainable, frozen = split_trainable(method, tree)
+    x, y = torch.randn(5, 6), torch.randn(5, 6)
+    fn = functional_forward(model, method)
+
+    def math(trainable):
+        def lin(name, inputs):
+            lora = 2.0 * inputs @ trainable[f"{name}.lora_A"].T @ trainable[f"{name}.lora_B"].T
+            return F.linear(inputs, frozen[f"{name}.weight"], frozen[f"{name}.bias"]) + lora
+
+        return (lin("q", x) * lin("k", y) + lin("v", y) + lin("q", y)).square().sum()
+
+    grads = torch.func.grad(lambda t: fn((t, frozen), x, y).square().sum())(trainable)
+    expected = torch.func.grad(math)(trainable)
+
+    for key in trainable:
+        torch.testing.assert_close(grads[key], expected[key], rtol=1e-4, atol=1e-5, msg=key)
