@@ -99,7 +99,7 @@ def main() -> None:
         total = make_checkpoint(source, args.size_gb, args.shards)
         shard_files = len(set(json.loads((source / "model.safetensors.index.json").read_text())["weight_map"].values()))
         print(f"checkpoint: {total / 1e9:.2f} GB in {shard_files} shards; largest group: 64 MiB; output shards: {args.out_shard_mb} MB")
-        print(f"{'contender':24} {'peak RSS above baseline (MB)':>30} {'time (s)':>10}")
+        print(f"{'contender':24} {'peak RSS above baseline (MiB)':>30} {'time (s)':>10}")
         for name, body in CONTENDERS.items():
             out = Path(temporary) / f"out-{name}"
             script = RUNNER.format(body=textwrap.dedent(body))

@@ -83,7 +83,7 @@ def main() -> None:
         )
         baseline, peak, code = result.stderr.strip().splitlines()[-1].split()
         print(f"checkpoint: {total / 1e9:.2f} GB bfloat16 in {args.shards} shards of {shard_size / 1e6:.0f} MB; adapter {adapter_bytes / 1e6:.0f} MB (float32)")
-        print(f"ftpeft merge: exit {code}, peak RSS above baseline {(int(peak) - int(baseline)) / 1024:.0f} MB")
+        print(f"ftpeft merge: exit {code}, peak RSS above baseline {(int(peak) - int(baseline)) / 1024:.0f} MiB")
 
 
 if __name__ == "__main__":

@@ -30,13 +30,29 @@ RUNS = [
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="3 timed repetitions instead of each script's default")
+    parser.add_argument("--quick", action="store_true", help="3 timed repetitions and 1 warm-up instead of each script's default")
     args = parser.parse_args()
     for title, command in RUNS:
-        extra = ["--runs", "3"] if args.quick and command[0] in ("train_step.py", "merge_speed.py", "plan_inject.py") and "--runs" not in command else []
-        print(f"== {title}: python benchmarks/{' '.join(command + extra)}", flush=True)
-        subprocess.run([sys.executable, str(HERE / command[0]), *command[1:], *extra], check=True)
+        if args.quick and command[0] in ("train_step.py", "merge_speed.py", "plan_inject.py"):
+            command = _quick(command)
+        print(f"== {title}: python benchmarks/{' '.join(command)}", flush=True)
+        subprocess.run([sys.executable, str(HERE / command[0]), *command[1:]], check=True)
         print(flush=True)
+
+
+def _quick(command: list[str]) -> list[str]:
+    """Return the command with 3 timed runs and, for the training step, 1 warm-up, replacing any given counts."""
+    kept: list[str] = []
+    skip = False
+    for part in command:
+        if skip:
+            skip = False
+        elif part in ("--runs", "--warmup"):
+            skip = True
+        else:
+            kept.append(part)
+    warmup = ["--warmup", "1"] if command[0] == "train_step.py" else []
+    return kept + ["--runs", "3", *warmup]
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ def main() -> None:
         peaks[name] = (peak - baseline) / 1024
     print(f"batch {args.batch} x {args.seq}: peak RSS during two steps above the RSS before them")
     for name, peak in peaks.items():
-        print(f"{name:8} {peak:8.0f} MB")
+        print(f"{name:8} {peak:8.0f} MiB")
     print(f"ftpeft / peft: {peaks['ftpeft'] / peaks['peft']:.3f}")
 
 
