@@ -252,21 +252,6 @@ def _per_expert_hint(tree: Mapping[str, Any]) -> str:
     )
 
 
-def _sibling_groups(targets: list[LoRATarget], spec: Mapping[str, Any]) -> list[list[LoRATarget]]:
-    """Return groups of two or more linear targets that are children of one module and have the same input size.
-
-    Such siblings (q, k and v; gate and up) usually read the same input, so
-    their adapters can share one product with the input.
-    """
-    groups: dict[tuple[str, int], list[LoRATarget]] = {}
-    for target in targets:
-        if target.kind != "linear" or target.transposed or target.name != target.module:
-            continue
-        in_features = target_features(target, TensorSpec.of(spec[target.weight_key]).shape)[1]
-        groups.setdefault((module_path(target.module), in_features), []).append(target)
-    return [group for group in groups.values() if len(group) > 1]
-
-
 def _warn_untied(tree: Mapping[str, Any], changed: list[str]) -> None:
     """Warn when a merged weight shared its storage with a key the merge left alone (tied weights)."""
     storages: dict[tuple, list[str]] = {}
@@ -323,8 +308,6 @@ class _LoRAWeight(WeightAdapter):
         self.weight = weight
         # DoRA rescales W x, so the forward passes the base output without its bias.
         self.needs_output_without_bias = magnitude is not None
-        # The sibling adapters that may read the same input, set by bind_forward.
-        self.shared: _SharedInput | None = None
 
     def materialise(self, weight: torch.Tensor) -> torch.Tensor:
         delta = target_delta(self.target, self.lora_a, self.lora_b, self.scale, weight.dtype)
@@ -341,9 +324,6 @@ class _LoRAWeight(WeightAdapter):
         return hidden
 
     def _low_rank(self, x: torch.Tensor, training: bool) -> torch.Tensor:
-        shared = self.shared
-        if shared is not None and not (training and self.dropout > 0):
-            return shared.low_rank(self, x)
         return F.linear(self._low_rank_input(x, training), self.lora_a)
 
     def linear_delta(self, x: torch.Tensor, training: bool) -> torch.Tensor | None:
@@ -425,46 +405,6 @@ class _LoRAWeight(WeightAdapter):
         per_expert_a, per_expert_b = expert_factors(self.lora_a, self.lora_b, self.target.experts)
         target = dataclasses.replace(self.target, kind="linear")
         return _LoRAWeight(target, per_expert_a[index], per_expert_b[index], self.scale, self.dropout)
-
-
-class _SharedInput:
-    """One ``x @ A^T`` for sibling adapters that read the same input, such as q, k and v of one attention block.
-
-    The first sibling called with an input computes ``x @ [A_1; A_2; ...]^T``
-    for every sibling not served yet, in one matmul; a sibling called later
-    with the same tensor object takes its columns from that product. A
-    sibling called with another input (o_proj beside q, k and v, or
-    cross-attention keys) starts a new product for the siblings still
-    waiting. The cache lives for one forward call, because ``bind`` builds
-    new adapters on every call.
-    """
-
-    def __init__(self, members: list[_LoRAWeight]):
-        self.members = members
-        self._input: torch.Tensor | None = None
-        self._parts: dict[int, torch.Tensor] = {}
-        self._served: set[int] = set()
-        for index, member in enumerate(members):
-            member.shared = self
-            member.shared_index = index
-
-    def low_rank(self, adapter: _LoRAWeight, x: torch.Tensor) -> torch.Tensor:
-        # NOTE: the input is recognised by identity, so an in-place change of x between
-        # two siblings' calls would go unseen; transformers' blocks make none.
-        index = adapter.shared_index
-        if self._input is not x or index not in self._parts:
-            waiting = [member for member in self.members if member.shared_index not in self._served]
-            if adapter not in waiting:
-                # A module called a second time in one forward computes its own product.
-                waiting = [adapter]
-            hidden = x if x.dtype == adapter.lora_a.dtype else x.to(adapter.lora_a.dtype)
-            stacked = waiting[0].lora_a if len(waiting) == 1 else torch.cat([member.lora_a for member in waiting])
-            low = F.linear(hidden, stacked)
-            parts = low.split([member.lora_a.shape[0] for member in waiting], dim=-1)
-            self._parts = {member.shared_index: part for member, part in zip(waiting, parts)}
-            self._input = x
-        self._served.add(index)
-        return self._parts.pop(index)
 
 
 class _LoRABias(WeightAdapter):
@@ -914,7 +854,6 @@ class LoRA(PeftMethod):
         dropout = self.config.params.dropout
         with_bias, with_dora = self.config.params.lora_bias, self.config.params.use_dora
         has_base_bias = {target.name: target.bias_key in spec for target in targets}
-        sibling_groups = _sibling_groups(targets, spec) if not with_dora else []
 
         def bind(tree: Mapping[str, Any]) -> dict[str, list[WeightAdapter]]:
             adapters: dict[str, list[WeightAdapter]] = {}
@@ -930,12 +869,6 @@ class LoRA(PeftMethod):
                 adapters[target.weight_key] = [
                     _LoRAWeight(target, lora_a, lora_b, scales[target.name], dropout, lora_bias, magnitude, weight if with_dora else None)
                 ]
-            for group in sibling_groups:
-                members = [adapters[target.weight_key][0] for target in group]
-                # Tensor subclasses such as DTensor may place the leaves differently, so only plain leaves share.
-                plain = all(type(member.lora_a) in (torch.Tensor, torch.nn.Parameter) for member in members)
-                if plain and len({member.lora_a.dtype for member in members}) == 1:
-                    _SharedInput(members)
             return adapters
 
         return bind
