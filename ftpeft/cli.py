@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as error:
         print(f"ftpeft {options.command}: error: {error}", file=sys.stderr)
         return 1
-    except (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, ValueError, KeyError) as error:
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, ValueError, KeyError, TimeoutError) as error:
         message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
         # Library messages name the Python argument; on the command line the flag does the same job.
         message = message.replace("Pass key_map=replace_prefix(old, new)", "Pass --rename-prefix OLD=NEW")
@@ -83,10 +83,17 @@ def _parser() -> argparse.ArgumentParser:
         "--workers",
         type=int,
         metavar="N",
-        help="split the merge across N workers, each started with its own --worker; worker 0 writes the index "
-        "once every worker is done. Under torchrun the world size and rank are used instead",
+        help="split the merge across N separate jobs, each started with its own --worker; worker 0 writes the index "
+        "once every worker is done. Leave --workers and --worker out under torchrun, which gives the world size and rank",
     )
     merge.add_argument("--worker", type=int, metavar="K", help="this worker's number, from 0 to N-1 (with --workers)")
+    merge.add_argument(
+        "--timeout",
+        type=float,
+        default=3600.0,
+        metavar="SECONDS",
+        help="with --workers: how long worker 0 waits for the other workers' shards (default: 3600)",
+    )
     merge.set_defaults(run=_merge)
 
     inspect = commands.add_parser("inspect", help="list a checkpoint's or adapter's tensors, and an adapter's targets")
@@ -210,6 +217,9 @@ def _merge_with_workers(options: argparse.Namespace, merge_map, shard_size, dtyp
     from .distributed import convert_checkpoint
 
     started = False
+    under_torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if under_torchrun and (options.workers is not None or options.worker is not None):
+        raise UserError("under torchrun, leave out --workers and --worker: the world size and rank number the workers.")
     if options.workers is None:
         if options.worker is not None:
             raise UserError("--worker needs --workers N.")
@@ -219,11 +229,22 @@ def _merge_with_workers(options: argparse.Namespace, merge_map, shard_size, dtyp
         count, index = dist.get_world_size(), dist.get_rank()
     else:
         count, index = options.workers, options.worker
-        if count < 1 or index is None or not 0 <= index < count:
+        if count < 1:
+            raise UserError(f"--workers {count} is invalid; give the number of workers, 1 or more.")
+        if index is None or not 0 <= index < count:
             raise UserError(f"--workers {count} needs --worker K with 0 <= K < {count}, got {index}.")
     try:
         result = convert_checkpoint(
-            options.base, options.out, merge_map, count=count, index=index, shard_size=shard_size, dtype=dtype, progress=index == 0
+            options.base,
+            options.out,
+            merge_map,
+            count=count,
+            index=index,
+            shard_size=shard_size,
+            dtype=dtype,
+            fingerprint=_adapter_fingerprint(merge_map),
+            timeout=options.timeout,
+            progress=index == 0,
         )
     finally:
         if started:
@@ -237,6 +258,18 @@ def _merge_with_workers(options: argparse.Namespace, merge_map, shard_size, dtyp
     print(f"wrote {shards} shard(s) and {result.name} to {options.out}")
     if copied:
         print(f"copied {', '.join(copied)}")
+
+
+def _adapter_fingerprint(merge_map) -> str:
+    """Return a hash of the adapter's config and tensor bytes, so that workers given other adapters are caught."""
+    import hashlib
+
+    digest = hashlib.sha256(merge_map.method.config.model_dump_json().encode())
+    for key in sorted(merge_map.adapter):
+        tensor = merge_map.adapter[key].detach().cpu().contiguous()
+        digest.update(f"{key}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def _input_shard_sizes(base: Path) -> list[int]:

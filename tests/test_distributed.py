@@ -18,6 +18,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch import nn
 from safetensors.torch import load_file
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
@@ -234,6 +235,13 @@ def _check_layer_kinds_merge(mesh):
                 assert_close(merged[key], value, f"merged {key} with {placement!r}", atol=1e-5)
             for key, value in tree.items():
                 assert_close(restored[key], value, f"unmerged {key} with {placement!r}", atol=1e-5)
+    # inject on a DTensor tree places A and B first, then computes DoRA's magnitude from them.
+    for placement in (Shard(0), Shard(1)):
+        direct = dora.inject({k: distribute_tensor(v, mesh, [placement]) for k, v in base.items()}, generator=torch.Generator().manual_seed(0))
+        plain = dora.inject(base, generator=torch.Generator().manual_seed(0))
+        for key in ("embed.lora_magnitude_vector", "proj.lora_magnitude_vector"):
+            assert isinstance(direct[key], DTensor), key
+            assert_close(direct[key], plain[key], f"{key} injected with {placement!r}", atol=1e-6)
     # A row-split table (Shard(0), its num_embeddings) splits A's columns and keeps B whole.
     table = distribute_adapters(dora, {**dora.inject(base), "embed.weight": distribute_tensor(base["embed.weight"], mesh, [Shard(0)])})
     assert table["embed.lora_embedding_A"].placements == (Shard(1),)
@@ -661,6 +669,48 @@ def test_reduce_gradients_checks_keys(single_rank_group):
         reduce_gradients({"w": torch.zeros(2, 2)}, {"w": param})
 
 
+def test_fsdp_forward_keeps_tied_head_plain(single_rank_group):
+    from torch.distributed.fsdp import fully_shard
+
+    model = tiny_llama(tie=True)
+    method = peft_method_from_config(
+        LoRAConfig(module_name_pattern=["embed_tokens"], embedding_pattern=["embed_tokens"], params=LoRAParameters(r=2, alpha=4.0))
+    )
+    generator = torch.Generator().manual_seed(6)
+    tree = {k: (torch.randn(v.shape, generator=generator) if "lora" in k else v) for k, v in method.inject(state_of(model)).items()}
+    adapter = {k: v for k, v in tree.items() if "lora" in k}
+    ids = torch.tensor([[3, 8, 1, 30]])
+    expected = functional_forward(model, method)(tree, ids).logits
+
+    fully_shard(model, mesh=single_rank_group)
+    logits = fsdp_forward(model, method)(adapter, ids).logits
+
+    # The head shares the embedding's weight but is not targeted, so it keeps the base table.
+    assert_close(logits, expected, "logits with a tied head")
+
+
+def _vocab_parallel_worker(rank, world):
+    from torch.distributed.tensor.parallel import RowwiseParallel, parallelize_module
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(8, 6), nn.Linear(6, 3))
+    method = peft_method_from_config(LoRAConfig(module_name_pattern=["0"], embedding_pattern=["0"], params=LoRAParameters(r=2, alpha=4.0)))
+    generator = torch.Generator().manual_seed(7)
+    tree = {k: (torch.randn(v.shape, generator=generator) if "lora" in k else v) for k, v in method.inject(state_of(model)).items()}
+    ids = torch.tensor([[0, 5, 7, 2]])
+    expected = functional_forward(model, method)(tree, ids)
+
+    # A row-split table: each rank holds half of the vocabulary.
+    parallelize_module(model, init_device_mesh("cpu", (world,)), {"0": RowwiseParallel(input_layouts=Replicate())})
+    sharded = distribute_adapters(method, {**model.state_dict(), **{k: v for k, v in tree.items() if "lora" in k}})
+    assert sharded["0.lora_embedding_A"].placements == (Shard(1),)
+    assert_close(functional_forward(model, method)(sharded, ids), expected, "logits of a vocabulary-parallel table")
+
+
+def test_vocab_parallel_embedding_matches_single_process():
+    run_workers(_vocab_parallel_worker, 2)
+
+
 def test_fsdp_forward_needs_fully_shard():
     with pytest.raises(TypeError, match="no module of TwoLayerMLP is an FSDPModule"):
         fsdp_forward(TwoLayerMLP(), lora(["up"]))
@@ -692,6 +742,31 @@ def test_cli_merge_with_workers_matches_one_worker(tmp_path, capsys):
     output = capsys.readouterr().out
     assert "worker 1 of 2: wrote its shards" in output
     assert "with 2 workers" in output
+
+
+def test_cli_workers_with_other_adapters_fail(tmp_path, capsys):
+    from ftpeft.cli import main
+    from ftpeft.io import save_adapter
+
+    method, adapter = _write_adapter_folder(tmp_path)
+    save_adapter(tmp_path / "other", method.config, {k: v + 1 for k, v in adapter.items()})
+    base, out = str(tmp_path / "base"), str(tmp_path / "out")
+
+    assert main(["merge", base, str(tmp_path / "other"), out, "--workers", "2", "--worker", "1"]) == 0
+    assert main(["merge", base, str(tmp_path / "adapter"), out, "--workers", "2", "--worker", "0", "--timeout", "0.5"]) == 1
+
+    assert "left a marker of another plan or fingerprint" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "model.safetensors.index.json").exists()
+
+
+def test_cli_workers_under_torchrun_rejected(tmp_path, capsys, monkeypatch):
+    from ftpeft.cli import main
+
+    _write_adapter_folder(tmp_path)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+
+    assert main(["merge", str(tmp_path / "base"), str(tmp_path / "adapter"), str(tmp_path / "out"), "--workers", "2", "--worker", "0"]) == 1
+    assert "under torchrun, leave out --workers and --worker" in capsys.readouterr().err
 
 
 def test_cli_merge_rejects_bad_worker(tmp_path, capsys):

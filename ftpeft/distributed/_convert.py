@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import sys
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -45,10 +46,11 @@ class _Layout:
     def total(self) -> int:
         return sum(len(files) for files in self.files)
 
-    def digest(self) -> str:
-        """Return a hash of every file name, key, shape and dtype, which all workers compute alike."""
+    def digest(self, fingerprint: str = "") -> str:
+        """Return a hash of every file name, key, shape and dtype, and of ``fingerprint``, which all workers compute alike."""
         text = json.dumps(
             [[(name, [(key, list(spec.shape), str(spec.dtype)) for key, spec in specs.items()]) for name, specs in files] for files in self.files]
+            + [fingerprint]
         )
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -110,6 +112,7 @@ def convert_checkpoint(
     dtype: torch.dtype | None = None,
     metadata: Mapping[str, str] | None = None,
     passthrough: bool = False,
+    fingerprint: str = "",
     timeout: float = 3600.0,
     progress: bool = False,
 ) -> Path | None:
@@ -148,6 +151,9 @@ def convert_checkpoint(
         dtype: cast floating-point outputs to this dtype.
         metadata: extra string metadata for every shard header.
         passthrough: pass keys the map does not read through unchanged.
+        fingerprint: a string every worker must give alike, such as a hash
+            of the adapter that ``map`` merges. The plans compare shapes
+            only, so this is how workers with other values are caught.
         timeout: seconds worker 0 waits for the others' marker files when
             there is no process group.
         progress: show a progress bar over this worker's groups.
@@ -185,7 +191,7 @@ def convert_checkpoint(
     entries = _checkpoint_entries(source)
     plan = (map or identity).plan({key: entry.spec for key, entry in entries.items()}, passthrough=passthrough)
     plans, layout = _layout(plan, count, _parse_size(shard_size), dtype)
-    digest = layout.digest()
+    digest = layout.digest(fingerprint)
 
     _write_share(plans[index], layout.files[index], entries, directory, dtype, {"format": "pt", **(metadata or {})}, progress)
     atomic_write_text(_marker(directory, count, index), json.dumps({"layout": digest}) + "\n")
@@ -193,7 +199,7 @@ def convert_checkpoint(
     if not collective:
         if index != 0:
             return None
-        _wait_for_markers(directory, count, digest, timeout)
+        _wait_for_markers(directory, count, digest, timeout, progress)
         return _finish(directory, layout, count)
 
     # NOTE: a worker that fails before this point leaves the others waiting
@@ -203,8 +209,8 @@ def convert_checkpoint(
     differing = [worker for worker, other in enumerate(digests) if other != digests[0]]
     if differing:
         raise ValueError(
-            f"Worker(s) {differing} planned other output shards than worker 0. Start every worker with the same "
-            "source, map, shard_size and dtype."
+            f"Worker(s) {differing} planned other output shards, or gave another fingerprint, than worker 0. Start "
+            "every worker with the same source, map (the same adapter), shard_size and dtype."
         )
     result, failure = None, [None]
     if index == 0:
@@ -267,26 +273,40 @@ def _write_share(plan: Plan, files, entries, directory: Path, dtype, metadata, p
         raise
 
 
-def _wait_for_markers(directory: Path, count: int, digest: str, timeout: float) -> None:
+def _wait_for_markers(directory: Path, count: int, digest: str, timeout: float, progress: bool = False) -> None:
     deadline = time.monotonic() + timeout
+    announced = False
     while True:
-        waiting = [worker for worker in range(count) if not _marker_matches(_marker(directory, count, worker), digest)]
+        markers = {worker: _marker_layout(_marker(directory, count, worker)) for worker in range(count)}
+        waiting = [worker for worker, layout in markers.items() if layout != digest]
         if not waiting:
             return
+        if progress and not announced:
+            print(f"worker 0: waiting up to {timeout:g} s for worker(s) {waiting[:10]} of {count}", file=sys.stderr, flush=True)
+            announced = True
         if time.monotonic() > deadline:
+            # A marker of another plan may be stale, from an earlier run, so it is only reported at the end.
+            differing = [worker for worker in waiting if markers[worker] is not None]
+            detail = (
+                f" Worker(s) {differing[:10]} left a marker of another plan or fingerprint: an earlier run, or a worker "
+                "started with other arguments (another adapter, shard_size or dtype)."
+                if differing
+                else ""
+            )
             raise TimeoutError(
                 f"Worker(s) {waiting[:10]} of {count} did not finish within {timeout} s: {str(directory)!r} has no "
-                "matching marker file from them. Check that they run with the same source, map and shard_size, "
-                "then rerun them."
+                f"matching marker file from them.{detail} Check that they run with the same source, map and "
+                "shard_size, then rerun them."
             )
         time.sleep(_POLL_SECONDS)
 
 
-def _marker_matches(path: Path, digest: str) -> bool:
+def _marker_layout(path: Path) -> str | None:
+    """Return the layout digest a worker's marker file records, or None while it has none."""
     try:
-        return json.loads(path.read_text()).get("layout") == digest
+        return json.loads(path.read_text()).get("layout")
     except (FileNotFoundError, json.JSONDecodeError):
-        return False
+        return None
 
 
 def _write_index(directory: Path, layout: _Layout) -> Path:

@@ -31,6 +31,10 @@ class _AdaptedAtCall(_AdaptedWeights):
         self._entries[id(weight)] = (weight, chain, training)
         self._materialised.pop(id(weight), None)
 
+    def unregister(self, weight: torch.Tensor) -> None:
+        self._entries.pop(id(weight), None)
+        self._materialised.pop(id(weight), None)
+
     def _linear(self, func, entry, args, kwargs):
         # Each adapter adds a new tensor instead of the fused addmm, whose result
         # is a view: FSDP2 warns about a module that returns a view, because an
@@ -64,11 +68,11 @@ def fsdp_forward(model: nn.Module, method: PeftMethod) -> Callable[..., Any]:
     rank applies the same update and the adapters stay identical.
 
     While ``fn`` runs, each targeted module has a forward pre-hook that
-    registers its weight; the hooks are removed before ``fn`` returns.
-
-    NOTE: a weight is adapted when its own module runs. A model that uses a
-    targeted weight outside that module's forward (a tied LM head that calls
-    ``F.linear`` with the embedding weight) gets the plain weight there.
+    registers its weight and a forward hook that unregisters it; the hooks
+    are removed before ``fn`` returns. A weight is therefore adapted only
+    while its own module runs: a tied LM head that calls ``F.linear`` with
+    the targeted embedding's gathered weight gets the plain weight, as with
+    ``functional_forward``.
 
     Args:
         model: a module on which ``fully_shard`` was called (on it or on
@@ -103,6 +107,7 @@ def fsdp_forward(model: nn.Module, method: PeftMethod) -> Callable[..., Any]:
                 module_path, _, name = weight_key.rpartition(".")
                 module = submodules[module_path]
                 handles.append(module.register_forward_pre_hook(_registrar(mode, name, chain)))
+                handles.append(module.register_forward_hook(_unregistrar(mode, name)))
             with mode:
                 return model(*args, **kwargs)
         finally:
@@ -123,6 +128,13 @@ def _registrar(mode: _AdaptedAtCall, name: str, chain: list):
                 "ftpeft.functional_forward instead."
             )
         mode.register(weight, chain, module.training)
+
+    return hook
+
+
+def _unregistrar(mode: _AdaptedAtCall, name: str):
+    def hook(module: nn.Module, args: Any, output: Any) -> None:
+        mode.unregister(getattr(module, name))
 
     return hook
 

@@ -252,6 +252,17 @@ def _per_expert_hint(tree: Mapping[str, Any]) -> str:
     )
 
 
+def _splits_vocabulary(lora_a: torch.Tensor) -> bool:
+    """Return whether an embedding's A is a DTensor split along the vocabulary (its dim 1).
+
+    NOTE: torch 2.13's DTensor fails to multiply the rows looked up in such a
+    split table by a replicated matrix (an IndexError on a mask shape), so
+    those tables use the materialised update instead.
+    """
+    placements = getattr(lora_a, "placements", None)
+    return placements is not None and any(getattr(placement, "dim", None) in (1, -1) for placement in placements)
+
+
 def _warn_untied(tree: Mapping[str, Any], changed: list[str]) -> None:
     """Warn when a merged weight shared its storage with a key the merge left alone (tied weights)."""
     storages: dict[tuple, list[str]] = {}
@@ -389,7 +400,7 @@ class _LoRAWeight(WeightAdapter):
         return None if self.lora_bias is None else self.lora_bias * self.scale
 
     def lookup_add(self, ids: torch.Tensor, output: torch.Tensor, padding_idx: int | None, scale_grad_by_freq: bool, sparse: bool) -> torch.Tensor | None:
-        if self.target.kind != "embedding" or self.magnitude is not None:
+        if self.target.kind != "embedding" or self.magnitude is not None or _splits_vocabulary(self.lora_a):
             return None
         # Row i of the update (B A)^T is A[:, i] looked up, times B^T: no (num_embeddings, dim) temporary.
         low = F.embedding(ids, self.lora_a.t(), padding_idx, None, 2.0, scale_grad_by_freq, sparse)
@@ -622,6 +633,7 @@ class LoRA(PeftMethod):
             )
 
         adapted: Tree = dict(params)
+        magnitudes: list[tuple[LoRATarget, TensorSpec]] = []
         for target in targets:
             weight = TensorSpec.of(params[target.weight_key])
             rank = self.config.rank_of(target.name)
@@ -654,12 +666,17 @@ class LoRA(PeftMethod):
                     spec_bias if planning else torch.zeros(spec_bias.shape, dtype=dtype, device=weight.device)
                 )
             if self.config.params.use_dora:
-                spec_magnitude = TensorSpec(magnitude_shape(target, weight.shape), dtype, weight.device, adapter=True)
-                adapted[target.key_magnitude] = spec_magnitude if planning else self._init_magnitude(target, adapted, spec_magnitude)
-        if not planning and "torch.distributed.tensor" in sys.modules:
+                magnitudes.append((target, TensorSpec(magnitude_shape(target, weight.shape), dtype, weight.device, adapter=True)))
+        distributed = not planning and "torch.distributed.tensor" in sys.modules
+        if distributed:
             # Only then can the tree hold DTensors; their adapters become DTensors placed to match.
             from ..distributed import distribute_adapters
 
+            adapted = distribute_adapters(self, adapted)
+        # DoRA's magnitude is a norm of W + s B A, so it is computed once A and B sit beside a DTensor weight.
+        for target, spec_magnitude in magnitudes:
+            adapted[target.key_magnitude] = spec_magnitude if planning else self._init_magnitude(target, adapted, spec_magnitude)
+        if distributed and magnitudes:
             adapted = distribute_adapters(self, adapted)
         return adapted
 
