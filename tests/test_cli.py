@@ -178,6 +178,15 @@ def test_version_and_non_safetensors_file(checkpoint):
     assert "is not a safetensors file" in wrong_file.stderr
 
 
+def assert_merge_matches(root, expected):
+    """Run ``ftpeft merge`` on root/base and root/adapter and compare every merged tensor with ``expected``."""
+    assert main(["merge", str(root / "base"), str(root / "adapter"), str(root / "out")]) == 0
+
+    merged = load_state(root / "out")
+    for key, value in merged.items():
+        torch.testing.assert_close(value, expected[key], rtol=1e-5, atol=1e-5, msg=key)
+
+
 @pytest.mark.parametrize(
     "options",
     [
@@ -204,11 +213,7 @@ def test_merge_handles_every_layer_kind(tmp_path, options):
     peft_model.save_pretrained(tmp_path / "adapter")
     expected = {k: v.detach().clone() for k, v in peft_model.merge_and_unload().state_dict().items()}
 
-    assert main(["merge", str(tmp_path / "base"), str(tmp_path / "adapter"), str(tmp_path / "out")]) == 0
-
-    merged = load_state(tmp_path / "out")
-    for key, value in merged.items():
-        torch.testing.assert_close(value, expected[key], rtol=1e-5, atol=1e-5, msg=key)
+    assert_merge_matches(tmp_path, expected)
 
 
 def test_merge_warns_about_tied_embeddings(tmp_path, capsys):
@@ -250,8 +255,4 @@ def test_merge_rebuilds_residual_of_pissa_adapter(tmp_path):
     peft_model.save_pretrained(tmp_path / "adapter")
     expected = {k: v.detach().clone() for k, v in peft_model.merge_and_unload().state_dict().items()}
 
-    assert main(["merge", str(tmp_path / "base"), str(tmp_path / "adapter"), str(tmp_path / "out")]) == 0
-
-    merged = load_state(tmp_path / "out")
-    for key, value in merged.items():
-        torch.testing.assert_close(value, expected[key], rtol=1e-5, atol=1e-5, msg=key)
+    assert_merge_matches(tmp_path, expected)
