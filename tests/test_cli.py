@@ -204,7 +204,7 @@ def test_merge_handles_every_layer_kind(tmp_path, options):
         )
         model = transformers.MixtralForCausalLM(config).eval()
         # transformers writes Mixtral checkpoints in its older per-expert layout, which the adapter does not
-        # target, so the base is written as the model holds it.
+        # target, so the base is written in the model's own layout.
         save_state(tmp_path / "base", model.state_dict())
     else:
         model = tiny_llama()

@@ -219,6 +219,7 @@ def _check_layer_kinds_merge(mesh):
         LoRAConfig(module_name_pattern=["embed", "proj"], embedding_pattern=["embed"], params=LoRAParameters(r=2, alpha=4.0, use_dora=True))
     )
     experts = peft_method_from_config(LoRAConfig(parameter_pattern=["experts.stack"], params=LoRAParameters(r=2, alpha=4.0)))
+
     for method in (dora, experts):
         tree = method.inject(base, generator=torch.Generator().manual_seed(0))
         tree = {k: (torch.randn(v.shape, generator=generator) if "lora" in k and "magnitude" not in k else v) for k, v in tree.items()}
@@ -235,6 +236,7 @@ def _check_layer_kinds_merge(mesh):
                 assert_close(merged[key], value, f"merged {key} with {placement!r}", atol=1e-5)
             for key, value in tree.items():
                 assert_close(restored[key], value, f"unmerged {key} with {placement!r}", atol=1e-5)
+
     # inject on a DTensor tree places A and B first, then computes DoRA's magnitude from them.
     for placement in (Shard(0), Shard(1)):
         direct = dora.inject({k: distribute_tensor(v, mesh, [placement]) for k, v in base.items()}, generator=torch.Generator().manual_seed(0))
@@ -242,6 +244,7 @@ def _check_layer_kinds_merge(mesh):
         for key in ("embed.lora_magnitude_vector", "proj.lora_magnitude_vector"):
             assert isinstance(direct[key], DTensor), key
             assert_close(direct[key], plain[key], f"{key} injected with {placement!r}", atol=1e-6)
+
     # A row-split table (Shard(0), its num_embeddings) splits A's columns and keeps B whole.
     table = distribute_adapters(dora, {**dora.inject(base), "embed.weight": distribute_tensor(base["embed.weight"], mesh, [Shard(0)])})
     assert table["embed.lora_embedding_A"].placements == (Shard(1),)
@@ -700,7 +703,7 @@ def _vocab_parallel_worker(rank, world):
     ids = torch.tensor([[0, 5, 7, 2]])
     expected = functional_forward(model, method)(tree, ids)
 
-    # A row-split table: each rank holds half of the vocabulary.
+    # A row-split table: each rank keeps half of the vocabulary.
     parallelize_module(model, init_device_mesh("cpu", (world,)), {"0": RowwiseParallel(input_layouts=Replicate())})
     sharded = distribute_adapters(method, {**model.state_dict(), **{k: v for k, v in tree.items() if "lora" in k}})
     assert sharded["0.lora_embedding_A"].placements == (Shard(1),)

@@ -68,7 +68,7 @@ def fsdp_forward(model: nn.Module, method: PeftMethod) -> Callable[..., Any]:
     rank applies the same update and the adapters stay identical.
 
     While ``fn`` runs, each targeted module has a forward pre-hook that
-    registers its weight and a forward hook that unregisters it; the hooks
+    registers its weight and a forward hook that unregisters it. The hooks
     are removed before ``fn`` returns. A weight is therefore adapted only
     while its own module runs: a tied LM head that calls ``F.linear`` with
     the targeted embedding's gathered weight gets the plain weight, as with

@@ -448,7 +448,7 @@ def _expert_names(lora: LoRAConfig, base: Mapping[str, Any], adapter: Mapping[st
     ``down_proj`` targeted, ``experts.base_layer.lora_A`` is gate_up_proj's
     and ``experts.lora_A`` is down_proj's (checked against peft 0.21.2). The
     order is taken from ``base``'s keys, which is right for
-    ``spec_of(model)`` but not for a checkpoint's sorted keys; so when
+    ``spec_of(model)`` but not for a checkpoint's sorted keys. So when
     ``adapter`` is given (loading), the order whose leaf shapes fit wins.
     """
     from ..maps import rename

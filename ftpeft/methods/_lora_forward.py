@@ -1,4 +1,4 @@
-"""What LoRA hands the forward: per-weight adapters with the unmerged rule of each layout."""
+"""LoRA's per-weight adapters for the forward, with the unmerged rule of each layout."""
 
 from __future__ import annotations
 

@@ -192,9 +192,9 @@ class LoRA(PeftMethod):
             else:
                 fix = "narrow module_name_pattern so that it leaves this module out"
             raise ValueError(
-                f"LoRA cannot adapt {target.name!r}: its weight has shape {weight.shape} and dtype {weight.dtype}, "
-                "but LoRA here needs a floating-point weight that is 2-D (used by F.linear or F.embedding), 3-D to 5-D "
-                f"(a Conv1d, Conv2d or Conv3d kernel) or a 3-D expert stack given by parameter_pattern. Fix: {fix}."
+                f"LoRA cannot adapt {target.name!r}: its weight has shape {weight.shape} and dtype {weight.dtype}. "
+                "LoRA needs a floating-point weight that is 2-D (used by F.linear or F.embedding), a 3-D to 5-D "
+                f"convolution kernel, or a 3-D expert stack given by parameter_pattern. Fix: {fix}."
             )
         if target.kind == "conv" and params.fan_in_fan_out:
             raise ValueError(
