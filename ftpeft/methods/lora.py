@@ -77,11 +77,11 @@ def _warn_untied(tree: Mapping[str, Any], changed: list[str]) -> None:
         storages.setdefault((value.device, pointer, tuple(value.shape)), []).append(key)
     changed_set = set(changed)
     for keys in storages.values():
-        kept = [key for key in keys if key not in changed_set]
+        unchanged = [key for key in keys if key not in changed_set]
         for key in keys:
-            if key in changed_set and kept:
+            if key in changed_set and unchanged:
                 warnings.warn(
-                    f"The merge changes {key!r}, which shares its storage with {kept[0]!r} (tied weights), so the two now "
+                    f"The merge changes {key!r}, which shares its storage with {unchanged[0]!r} (tied weights), so the two now "
                     "differ. Load the merged tree into a model whose weights are not tied (for transformers, "
                     "tie_word_embeddings=False); loaded into a tied model, one of the two values is lost.",
                     FtpeftWarning,
@@ -344,7 +344,7 @@ class LoRA(PeftMethod):
     def _init_embedding(
         self, spec_a: TensorSpec, spec_b: TensorSpec, rank: int, generator: torch.Generator | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return embedding leaves: A = 0 and B ~ N(0, 1), or with ``gaussian`` A ~ N(0, 1/r) and B = 0."""
+        """Return embedding leaves: A = 0 and B standard normal, or with ``gaussian`` A normal with standard deviation 1/r and B = 0."""
         if spec_a.device.type == "meta":
             return torch.empty(spec_a.shape, dtype=spec_a.dtype, device="meta"), torch.empty(spec_b.shape, dtype=spec_b.dtype, device="meta")
         draw_device = generator.device if generator is not None else spec_a.device
