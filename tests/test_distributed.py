@@ -44,6 +44,10 @@ from conftest import TwoLayerMLP, state_of, tiny_llama
 
 LLAMA_TARGETS = r".*\.(q_proj|v_proj|o_proj|down_proj)"
 
+# gloo connects its ranks over the interface this names; the loopback keeps every test on 127.0.0.1,
+# whatever the host name resolves to. Spawned workers and torchrun inherit it.
+os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+
 
 def lora(pattern, r=2, alpha=4.0, **params):
     return peft_method_from_config(LoRAConfig(module_name_pattern=pattern, params=LoRAParameters(r=r, alpha=alpha, **params)))
