@@ -36,6 +36,10 @@ __all__ = ["functional_forward"]
 
 _LINEAR_FUNCTIONS = frozenset({F.linear, torch._C._nn.linear})
 _EMBEDDING_FUNCTIONS = frozenset({F.embedding})
+# Ops that return the transpose of a 2-D weight as a view.
+_TRANSPOSE_FUNCTIONS = frozenset(
+    {torch.t, torch.Tensor.t, torch.transpose, torch.Tensor.transpose, torch.Tensor.T.__get__, torch.Tensor.mT.__get__}
+)
 _CONV_FUNCTIONS = frozenset({F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d})
 # Ops that compute x @ W with the weight as second operand, as transformers'
 # Conv1D does with a weight stored (in, out).
@@ -105,6 +109,10 @@ class _AdaptedWeights(TorchFunctionMode):
             result = self._embedding(func, args, kwargs)
             if result is not None:
                 return result
+        elif func in _TRANSPOSE_FUNCTIONS:
+            result = self._transposed(func, args, kwargs)
+            if result is not None:
+                return result
         elif func is torch.Tensor.__getitem__ and len(args) == 2:
             result = self._expert(func, args)
             if result is not None:
@@ -152,6 +160,22 @@ class _AdaptedWeights(TorchFunctionMode):
             if output is None:
                 return None
         return output
+
+    def _transposed(self, func, args, kwargs):
+        """Return ``W.t()`` of an adapted 2-D weight as a view that carries the adapters in the other layout, or None to fall back."""
+        entry = self._entry(args[0]) if args else None
+        if entry is None or args[0].dim() != 2:
+            return None
+        weight, chain, training = entry
+        views = [adapter.transposed_view() for adapter in chain]
+        if any(adapter is None for adapter in views):
+            return None
+        view = func(*args, **kwargs)
+        # transpose(x, 0, 0) and the like return the weight's own layout.
+        if tuple(view.shape) != tuple(reversed(weight.shape)) or view.stride() != tuple(reversed(weight.stride())):
+            return None
+        self._entries[id(view)] = (view, views, training)
+        return view
 
     def _expert(self, func, args):
         """Return ``W[index]`` of an adapted expert stack as a view that carries each expert's adapter, or None to fall back."""

@@ -412,3 +412,53 @@ def test_compiled_lora_scale_matches_eager():
     x = torch.randn(4, 6)
 
     torch.testing.assert_close(torch.compile(fn, fullgraph=True)(tree, x), fn(tree, x))
+
+
+class TransposedUses(nn.Module):
+    """A linear weight used through its transpose, as hand-written layers do."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(6, 4)
+
+    def forward(self, x):
+        weight = self.proj.weight
+        return x @ weight.t() + torch.matmul(x, weight.T) + F.linear(x, weight.t().t()) + self.proj.bias
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_transposed_weight_carries_adapter(use_dora):
+    model = TransposedUses()
+    method = peft_method_from_config(LoRAConfig(module_name_pattern=["proj"], params=LoRAParameters(r=2, alpha=4.0, use_dora=use_dora)))
+    generator = torch.Generator().manual_seed(5)
+    tree = method.inject(state_of(model))
+    tree = {k: (torch.randn(v.shape, generator=generator) if k.endswith(("lora_A", "lora_B")) else v) for k, v in tree.items()}
+    x = torch.randn(3, 6)
+
+    out = functional_forward(model, method)(tree, x)
+
+    adapted = tree["proj.weight"] + 2.0 * tree["proj.lora_B"] @ tree["proj.lora_A"]
+    if use_dora:
+        adapted = tree["proj.lora_magnitude_vector"][:, None] * adapted / adapted.norm(dim=1, keepdim=True)
+    torch.testing.assert_close(out, 3 * (x @ adapted.T) + tree["proj.bias"], rtol=1e-5, atol=1e-5)
+
+
+def test_transposed_weight_builds_no_dense_update():
+    model = TransposedUses()
+    method = peft_method_from_config(LoRAConfig(module_name_pattern=["proj"], params=LoRAParameters(r=2, alpha=4.0)))
+    tree = method.inject(state_of(model))
+    x = torch.randn(3, 6)
+    weight_sized = []
+
+    class Recorder(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            result = func(*args, **(kwargs or {}))
+            if isinstance(result, torch.Tensor) and tuple(result.shape) in ((4, 6), (6, 4)):
+                weight_sized.append(getattr(func, "__name__", str(func)))
+            return result
+
+    with Recorder():
+        functional_forward(model, method)(tree, x)
+
+    # Only the views of the weight have its size: no W + s B A is built.
+    assert sorted(weight_sized) == ["__get__", "t", "t", "t", "view"]

@@ -140,6 +140,14 @@ class _LoRAWeight(WeightAdapter):
             delta = torch.where(padding, delta.detach(), delta)
         return output + delta.to(output.dtype)
 
+    def transposed_view(self) -> _LoRAWeight | None:
+        """Return the adapter of the view ``W.t()`` of a linear weight: the same leaves in the other layout."""
+        if self.target.kind != "linear":
+            return None
+        target = dataclasses.replace(self.target, transposed=not self.target.transposed)
+        weight = None if self.weight is None else self.weight.t()
+        return _LoRAWeight(target, self.lora_a, self.lora_b, self.scale, self.dropout, self.lora_bias, self.magnitude, weight)
+
     def expert(self, index: Any) -> "_LoRAWeight":
         """Return the adapter of one expert, for the 2-D view ``W[index]`` of an expert stack."""
         per_expert_a, per_expert_b = expert_factors(self.lora_a, self.lora_b, self.target.experts)

@@ -70,6 +70,14 @@ class WeightAdapter(abc.ABC):
         """
         return None
 
+    def transposed_view(self) -> WeightAdapter | None:
+        """Return the adapter of the 2-D view ``W.t()``, or None to fall back.
+
+        With an adapter for the view, ``x @ W.t()`` runs unmerged; None makes
+        the view carry the materialised weight instead.
+        """
+        return None
+
     def expert(self, index: Any) -> WeightAdapter | None:
         """Return the adapter of the 2-D view ``W[index]`` of a 3-D expert stack, or None to fall back.
 
