@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
@@ -29,9 +29,16 @@ lora_params = st.builds(
     alpha=st.floats(min_value=1e-3, max_value=1e4, allow_nan=False, allow_infinity=False),
     dropout=st.floats(min_value=0.0, max_value=0.99),
     use_rslora=st.booleans(),
-    init=st.sampled_from(["kaiming_uniform", "gaussian"]),
+    use_dora=st.booleans(),
+    lora_bias=st.booleans(),
+    fan_in_fan_out=st.booleans(),
+    init=st.sampled_from(["kaiming_uniform", "gaussian", "pissa", "olora"]),
 )
-lora_configs = st.builds(LoRAConfig, module_name_pattern=patterns, params=lora_params)
+module_configs = st.builds(LoRAConfig, module_name_pattern=patterns, embedding_pattern=st.none() | patterns, params=lora_params)
+parameter_configs = st.builds(
+    LoRAConfig, parameter_pattern=patterns, parameters_transposed=st.booleans(), module_name_pattern=st.none() | patterns, params=lora_params
+)
+lora_configs = st.one_of(module_configs, parameter_configs)
 full_configs = st.builds(FullTuneConfig, module_name_pattern=patterns)
 any_configs = st.recursive(
     st.one_of(lora_configs, full_configs),
@@ -40,6 +47,7 @@ any_configs = st.recursive(
 )
 
 
+@settings(deadline=None)
 @given(any_configs)
 def test_json_round_trip_is_exact(config):
     text = config.model_dump_json()
