@@ -12,6 +12,7 @@ import datetime
 import json
 import os
 import socket
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -59,7 +60,7 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def _bootstrap(rank: int, worker, world: int, port: int, args: tuple) -> None:
+def _bootstrap(rank: int, worker, world: int, port: int, args: tuple, finished: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo",
@@ -70,13 +71,26 @@ def _bootstrap(rank: int, worker, world: int, port: int, args: tuple) -> None:
     )
     try:
         worker(rank, world, *args)
+        # No rank tears the group down while another still talks to it.
+        dist.barrier()
+        Path(finished, str(rank)).touch()
     finally:
         dist.destroy_process_group()
 
 
 def run_workers(worker, world: int, *args) -> None:
     """Run ``worker(rank, world, *args)`` in ``world`` spawned processes that share a gloo group on 127.0.0.1."""
-    mp.start_processes(_bootstrap, args=(worker, world, free_port(), args), nprocs=world, start_method="spawn", join=True)
+    with tempfile.TemporaryDirectory() as finished:
+        try:
+            mp.start_processes(
+                _bootstrap, args=(worker, world, free_port(), args, finished), nprocs=world, start_method="spawn", join=True
+            )
+        except mp.ProcessExitedException as error:
+            # NOTE: torch 2.13's gloo now and then aborts a process in destroy_process_group
+            # ("terminate called without an active exception"), after every check has passed.
+            # Only that case is let through: every rank must have finished its worker and the barrier.
+            if error.signal_name != "SIGABRT" or len(os.listdir(finished)) != world:
+                raise
 
 
 @pytest.fixture
