@@ -19,6 +19,7 @@ an LM head) carries the adapter only into the module the method targets.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -335,6 +336,7 @@ def functional_forward(model: nn.Module, method: PeftMethod | None = None) -> Ca
         ValueError: if the method does not fit the model, for example LoRA
             on a transformers ``Conv1D`` without ``fan_in_fan_out``.
     """
+    _reject_fully_shard(model)
     base_spec = spec_of(model)
     if method is not None:
         method.check_model(model)
@@ -384,6 +386,16 @@ def functional_forward(model: nn.Module, method: PeftMethod | None = None) -> Ca
             return functional_call(model, params, args, kwargs, tie_weights=False)
 
     return fn
+
+
+def _reject_fully_shard(model: nn.Module) -> None:
+    # FSDP2 swaps its own gathered weights into the modules while they run, which would bypass the tree.
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    if fsdp is not None and any(isinstance(module, fsdp.FSDPModule) for module in model.modules()):
+        raise TypeError(
+            f"{type(model).__name__} is wrapped by fully_shard, whose modules run on their own gathered weights, not on "
+            "the tree. Use ftpeft.distributed.fsdp_forward for FSDP2 models."
+        )
 
 
 def _raise_meta_buffers(empty: list[str]) -> None:

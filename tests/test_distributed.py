@@ -732,6 +732,16 @@ def test_vocab_parallel_embedding_matches_single_process():
     run_workers(_vocab_parallel_worker, 2)
 
 
+def test_functional_forward_rejects_fully_shard(single_rank_group):
+    from torch.distributed.fsdp import fully_shard
+
+    model = TwoLayerMLP()
+    fully_shard(model, mesh=single_rank_group)
+
+    with pytest.raises(TypeError, match="TwoLayerMLP is wrapped by fully_shard.*fsdp_forward"):
+        functional_forward(model, lora(["up"]))
+
+
 def test_fsdp_forward_needs_fully_shard():
     with pytest.raises(TypeError, match="no module of TwoLayerMLP is an FSDPModule"):
         fsdp_forward(TwoLayerMLP(), lora(["up"]))
