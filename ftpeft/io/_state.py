@@ -16,7 +16,7 @@ import torch
 from ..maps import Plan, StateMap, identity
 from ..maps._core import run_group
 from ..tree import TensorSpec, Tree, combine
-from ._format import CheckpointError, ShardWriter, TensorEntry, read_header, read_tensor, tensor_bytes, write_file
+from ._format import CheckpointError, ShardWriter, TensorEntry, _is_dtensor, read_header, read_tensor, tensor_bytes, write_file
 
 __all__ = ["CheckpointError", "atomic_write_file", "atomic_write_text", "checkpoint_spec", "iter_state", "load_state", "save_state"]
 
@@ -31,12 +31,23 @@ def _temporary_beside(final: Path) -> Path:
 def atomic_write_file(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> None:
     """Write one safetensors file under a temporary name beside ``path``, then rename it to ``path``."""
     final = Path(path)
+    reject_dtensors(tensors, final)
     temporary = _temporary_beside(final)
     try:
         write_file(temporary, tensors, metadata)
         os.replace(temporary, final)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def reject_dtensors(tree: Mapping[str, Any], target: Path) -> None:
+    """Raise ``TypeError`` naming the first DTensor of ``tree``, before anything is written to ``target``."""
+    for key, value in tree.items():
+        if _is_dtensor(value):
+            raise TypeError(
+                f"Cannot write {str(target)!r}: tensor {key!r} is a DTensor, which contains only this rank's part. "
+                "Gather it first, with ftpeft.distributed.gather or ftpeft.distributed.save_gathered."
+            )
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -293,6 +304,8 @@ def save_state(
     directory = Path(path)
     if directory.suffix == ".safetensors":
         raise ValueError(f"save_state writes a directory of shards; {str(directory)!r} looks like a file name. Drop the suffix.")
+    if isinstance(tree_or_iterable, Mapping):
+        reject_dtensors(tree_or_iterable, directory)
     directory.mkdir(parents=True, exist_ok=True)
     header_metadata = {"format": "pt", **(metadata or {})}
 

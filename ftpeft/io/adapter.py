@@ -11,7 +11,7 @@ import torch
 from ..methods.config import config_from_json
 from ..tree import Tree
 from ._format import read_header, read_tensor
-from ._state import atomic_write_file, atomic_write_text
+from ._state import atomic_write_file, atomic_write_text, reject_dtensors
 
 __all__ = ["ADAPTER_CONFIG_NAME", "ADAPTER_WEIGHTS_NAME", "is_ftpeft_adapter", "load_adapter", "save_adapter"]
 
@@ -22,6 +22,7 @@ ADAPTER_WEIGHTS_NAME = "adapter.safetensors"
 def save_adapter(directory: str | os.PathLike, config, adapter: Mapping[str, torch.Tensor]) -> Path:
     """Write a method config (as JSON) and its adapter leaves to a folder, each file atomically."""
     directory = Path(directory)
+    reject_dtensors(adapter, directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {key: value.detach().contiguous() for key, value in sorted(adapter.items())}
     atomic_write_file(directory / ADAPTER_WEIGHTS_NAME, tensors, {"format": "pt"})
