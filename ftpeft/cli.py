@@ -158,7 +158,7 @@ def _merge(options: argparse.Namespace) -> None:
     if options.out.resolve() == options.base.resolve():
         raise UserError("OUT_DIR must differ from BASE_DIR, so that the base checkpoint is never overwritten.")
     # With several workers, shards of the other workers may already be there, so only an index means a finished checkpoint.
-    parallel = options.workers is not None or int(os.environ.get("WORLD_SIZE", "1")) > 1
+    parallel = options.workers is not None or options.worker is not None or int(os.environ.get("WORLD_SIZE", "1")) > 1
     existing = not parallel and options.out.is_dir() and any(options.out.glob("*.safetensors"))
     if existing or (options.out / "model.safetensors.index.json").exists():
         raise UserError(f"OUT_DIR {str(options.out)!r} already contains a checkpoint; choose a new or empty directory.")
@@ -171,18 +171,12 @@ def _merge(options: argparse.Namespace) -> None:
 
     shard_size = options.shard_size or max(_input_shard_sizes(options.base), default=5 * 10**9)
     dtype = _DTYPES[options.dtype] if options.dtype else None
-    if options.workers is not None or options.worker is not None or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if parallel:
         _merge_with_workers(options, merge_map, shard_size, dtype, len(adapter), len(spec))
         return
     stream = iter_state(options.base, merge_map, dtype=dtype, progress=True)
     index = save_state(options.out, stream, shard_size=shard_size)
-    copied = _copy_side_files(options.base, options.out, options.dtype)
-
-    shards = len(set(json.loads(index.read_text())["weight_map"].values()))
-    print(f"merged {len(adapter)} adapter tensors into {len(spec)} base tensors")
-    print(f"wrote {shards} shard(s) and {index.name} to {options.out}")
-    if copied:
-        print(f"copied {', '.join(copied)}")
+    _finish_merge(options, index, f"merged {len(adapter)} adapter tensors into {len(spec)} base tensors")
 
 
 # Names that transformers models give their input and output embedding modules.
@@ -252,10 +246,15 @@ def _merge_with_workers(options: argparse.Namespace, merge_map, shard_size, dtyp
     if result is None:
         print(f"worker {index} of {count}: wrote its shards to {options.out}")
         return
+    _finish_merge(options, result, f"merged {adapter_count} adapter tensors into {base_count} base tensors with {count} workers")
+
+
+def _finish_merge(options: argparse.Namespace, index: Path, summary: str) -> None:
+    """Copy the side files next to the merged checkpoint and print what was written."""
     copied = _copy_side_files(options.base, options.out, options.dtype)
-    shards = len(set(json.loads(result.read_text())["weight_map"].values()))
-    print(f"merged {adapter_count} adapter tensors into {base_count} base tensors with {count} workers")
-    print(f"wrote {shards} shard(s) and {result.name} to {options.out}")
+    shards = len(set(json.loads(index.read_text())["weight_map"].values()))
+    print(summary)
+    print(f"wrote {shards} shard(s) and {index.name} to {options.out}")
     if copied:
         print(f"copied {', '.join(copied)}")
 

@@ -15,7 +15,7 @@ import logging
 import os
 import re
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -345,7 +345,7 @@ def load_hf_peft_adapter(
     hf_config = read_hf_peft_config(directory)
     on_disk = _read_weights(directory)
     adapter = _cleanup_map(key_map)(on_disk, passthrough=True)
-    adapter = _base_layer_copies(_lora_paths(adapter)).inverse()(adapter, passthrough=True)
+    adapter = _base_layer_copies(adapter, _lora_paths(adapter), on_disk=True).inverse()(adapter, passthrough=True)
 
     lora = hf_config.lora
     if lora.parameter_pattern is not None:
@@ -392,51 +392,26 @@ def _lora_paths(adapter: Mapping[str, Any]) -> set[str]:
     return paths
 
 
-def _base_layer_copies(lora_paths: set[str]) -> StateMap:
-    """Return the map from ftpeft's names of saved base parameters of LoRA targets to PEFT's ``<path>.base_layer.<param>``.
+def _base_layer_copies(keys: Iterable[str], lora_paths: set[str], *, on_disk: bool) -> StateMap:
+    """Return the rename from ftpeft's names of saved base parameters of LoRA targets to PEFT's ``<path>.base_layer.<param>``.
 
     PEFT saves a targeted embedding's own table beside its adapter (its
     ``save_embedding_layers``, on by default when an embedding is targeted),
     under ``<path>.base_layer.weight``. In ftpeft that table is a FullTune leaf.
+    ``keys`` are in PEFT's names when ``on_disk``, else in ftpeft's.
     """
+    from ..maps import rename
 
-    def to_disk(key: str) -> str | None:
+    pairs = {}
+    for key in keys:
+        if _is_lora_key(key):
+            continue
         path, _, name = key.rpartition(".")
-        if path in lora_paths and not _is_lora_key(key):
-            return f"{path}.base_layer.{name}"
-        return None
-
-    return _KeyRewrite(to_disk)
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class _KeyRewrite(StateMap):
-    """Rename the keys for which ``to_disk`` returns a new name; the inverse undoes it."""
-
-    to_disk: Any
-    reverse: bool = False
-
-    def _rename(self, key: str) -> str | None:
-        if not self.reverse:
-            return self.to_disk(key)
-        path, _, name = key.rpartition(".")
-        if path.endswith(".base_layer") and self.to_disk(f"{path.removesuffix('.base_layer')}.{name}") == key:
-            return f"{path.removesuffix('.base_layer')}.{name}"
-        return None
-
-    def reads(self, spec):
-        return {key for key in spec if self._rename(key) is not None}
-
-    def _plan(self, spec):
-        groups = []
-        for key in spec:
-            new = self._rename(key)
-            if new is not None:
-                groups.append(Group((key,), (new,), lambda tensors, key=key, new=new: {new: tensors[key]}))
-        return groups
-
-    def inverse(self) -> StateMap:
-        return _KeyRewrite(self.to_disk, not self.reverse)
+        if on_disk and path.endswith(".base_layer") and path.removesuffix(".base_layer") in lora_paths:
+            pairs[f"{path.removesuffix('.base_layer')}.{name}"] = key
+        elif not on_disk and path in lora_paths:
+            pairs[key] = f"{path}.base_layer.{name}"
+    return rename(pairs)
 
 
 def _expert_names(lora: LoRAConfig, base: Mapping[str, Any], adapter: Mapping[str, Any] | None = None) -> StateMap:
@@ -615,7 +590,7 @@ def save_hf_peft_adapter(
                 "PEFT rejects fan_in_fan_out for target_parameters. Save the two kinds of targets as separate adapters."
             )
         keys_in_tree = _expert_names(lora, base).inverse()(keys_in_tree, passthrough=True)
-    keys_in_tree = _base_layer_copies(_lora_paths(keys_in_tree))(keys_in_tree, passthrough=True)
+    keys_in_tree = _base_layer_copies(keys_in_tree, _lora_paths(keys_in_tree), on_disk=False)(keys_in_tree, passthrough=True)
     forward_map = key_map.inverse() if key_map is not None else identity
     on_disk = compose(forward_map, HFPeftKeys(to_disk=True))(keys_in_tree, passthrough=True)
 

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ._lora_layout import LoRATarget, _magnitude_like, add_delta, dora_norm, expert_factors, merge_bias, target_delta
+from ._lora_layout import LoRATarget, add_delta, dora_weight, expert_factors, merge_bias, target_delta
 from .base import WeightAdapter
 
 def _splits_vocabulary(lora_a: torch.Tensor) -> bool:
@@ -53,9 +53,7 @@ class _LoRAWeight(WeightAdapter):
         delta = target_delta(self.target, self.lora_a, self.lora_b, self.scale, weight.dtype)
         if self.magnitude is None:
             return add_delta(weight, delta)
-        adapted = weight.to(delta.dtype) + delta
-        factor = _magnitude_like(self.target, self.magnitude, weight.dim()).to(delta.dtype) / dora_norm(self.target, adapted)
-        return (factor * adapted).to(weight.dtype)
+        return dora_weight(self.target, weight, delta, self.magnitude)
 
     def _low_rank_input(self, x: torch.Tensor, training: bool) -> torch.Tensor:
         hidden = x if x.dtype == self.lora_a.dtype else x.to(self.lora_a.dtype)

@@ -17,6 +17,7 @@ __all__ = [
     "adapter_shapes",
     "add_delta",
     "dora_norm",
+    "dora_weight",
     "expert_factors",
     "lora_delta",
     "magnitude_shape",
@@ -221,6 +222,13 @@ def dora_norm(target: LoRATarget, adapted: torch.Tensor) -> torch.Tensor:
     """Return the detached norms of ``W + dW`` per output row, shaped to broadcast against the weight."""
     with torch.no_grad():
         return torch.linalg.vector_norm(adapted.detach(), dim=_norm_dims(target, adapted.dim()), keepdim=True)
+
+
+def dora_weight(target: LoRATarget, weight: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
+    """Return DoRA's adapted weight ``(m / ||W + dW||) * (W + dW)``, computed in ``delta``'s dtype and rounded once to ``weight``'s."""
+    adapted = weight.to(delta.dtype) + delta
+    factor = _magnitude_like(target, magnitude, weight.dim()).to(delta.dtype) / dora_norm(target, adapted)
+    return (factor * adapted).to(weight.dtype)
 
 
 def _magnitude_like(target: LoRATarget, magnitude: torch.Tensor, ndim: int) -> torch.Tensor:

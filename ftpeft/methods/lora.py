@@ -24,6 +24,7 @@ from ._lora_layout import (
     adapter_shapes,
     add_delta,
     dora_norm,
+    dora_weight,
     lora_delta,
     magnitude_shape,
     merge_bias,
@@ -337,9 +338,7 @@ class LoRA(PeftMethod):
         if weight.device.type == "meta":
             return torch.empty(spec.shape, dtype=spec.dtype, device="meta")
         with torch.no_grad():
-            delta = target_delta(target, adapted[target.key_a], adapted[target.key_b], self.config.scale_of(target.name), weight.dtype)
-            norms = dora_norm(target, weight.to(delta.dtype) + delta)
-        return norms.reshape(spec.shape).to(spec.dtype)
+            return self._norm_of(target, adapted).to(spec.dtype)
 
     def _init_embedding(
         self, spec_a: TensorSpec, spec_b: TensorSpec, rank: int, generator: torch.Generator | None
@@ -436,11 +435,10 @@ class LoRA(PeftMethod):
         if self.config.params.use_dora:
             magnitude = self._magnitude(tree, target, weight)
             delta = target_delta(target, lora_a, lora_b, scale, weight.dtype)
-            magnitude = _magnitude_like(target, magnitude, weight.dim()).to(delta.dtype)
             if sign > 0:
-                adapted = weight.to(delta.dtype) + delta
-                result[target.weight_key] = (magnitude / dora_norm(target, adapted) * adapted).to(weight.dtype)
+                result[target.weight_key] = dora_weight(target, weight, delta, magnitude)
             else:
+                magnitude = _magnitude_like(target, magnitude, weight.dim()).to(delta.dtype)
                 norms = self._norm_leaf(tree, target, weight).to(delta.dtype)
                 result[target.weight_key] = (weight.to(delta.dtype) * (norms / magnitude) - delta).to(weight.dtype)
         elif target.kind in ("linear", "conv"):
@@ -541,9 +539,7 @@ class LoRA(PeftMethod):
 
         return bind
 
-    def _adapter_pair(self, tree: Mapping[str, Any], target: LoRATarget | str, weight: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        if isinstance(target, str):
-            target = LoRATarget(target, _weight_key(target), "linear" if len(weight.shape) == 2 else "conv", self.config.params.fan_in_fan_out, target)
+    def _adapter_pair(self, tree: Mapping[str, Any], target: LoRATarget, weight: Any) -> tuple[torch.Tensor, torch.Tensor]:
         self._require(tree, {target.key_a, target.key_b}, "use")
         lora_a, lora_b = tree[target.key_a], tree[target.key_b]
         rank = self.config.rank_of(target.name)
@@ -557,9 +553,7 @@ class LoRA(PeftMethod):
             )
         return lora_a, lora_b
 
-    def _lora_bias(self, tree: Mapping[str, Any], target: LoRATarget | str, weight: Any) -> torch.Tensor:
-        if isinstance(target, str):
-            target = LoRATarget(target, _weight_key(target), "linear", self.config.params.fan_in_fan_out, target)
+    def _lora_bias(self, tree: Mapping[str, Any], target: LoRATarget, weight: Any) -> torch.Tensor:
         key = target.key_lora_bias
         self._require(tree, {key}, "use")
         out_features = target_features(target, tuple(weight.shape))[0]
@@ -581,11 +575,6 @@ class LoRA(PeftMethod):
         if tuple(tree[key].shape) != expected:
             raise ValueError(f"DoRA norm {key!r} has shape {tuple(tree[key].shape)}, but a weight of shape {tuple(weight.shape)} needs {expected}.")
         return _magnitude_like(target, tree[key], weight.dim())
-
-    def _merged(self, module: str, weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, *, sign: int = 1) -> torch.Tensor:
-        return merge_weight(
-            weight, lora_a, lora_b, self.config.scale_of(module), transposed=self.config.params.fan_in_fan_out, sign=sign
-        )
 
     @staticmethod
     def _require(tree: Mapping[str, Any], keys: set[str], action: str) -> None:
