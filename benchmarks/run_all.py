@@ -42,7 +42,7 @@ def main() -> None:
 
 def _quick(command: list[str]) -> list[str]:
     """Return the command with 3 timed runs and, for the training step, 1 warm-up, replacing any given counts."""
-    kept: list[str] = []
+    other_options: list[str] = []
     skip = False
     for part in command:
         if skip:
@@ -50,9 +50,9 @@ def _quick(command: list[str]) -> list[str]:
         elif part in ("--runs", "--warmup"):
             skip = True
         else:
-            kept.append(part)
+            other_options.append(part)
     warmup = ["--warmup", "1"] if command[0] == "train_step.py" else []
-    return kept + ["--runs", "3", *warmup]
+    return other_options + ["--runs", "3", *warmup]
 
 
 if __name__ == "__main__":

@@ -103,9 +103,9 @@ def single_rank_group():
         dist.destroy_process_group()
 
 
-def assert_close(actual, expected, what, atol=1e-5):
+def assert_close(actual, expected, label, atol=1e-5):
     actual = actual.full_tensor() if isinstance(actual, DTensor) else actual
-    torch.testing.assert_close(actual, expected, atol=atol, rtol=1e-5, msg=lambda m: f"{what}: {m}")
+    torch.testing.assert_close(actual, expected, atol=atol, rtol=1e-5, msg=lambda m: f"{label}: {m}")
 
 
 def random_lora_b(tree, seed=1):
